@@ -394,6 +394,10 @@ def cmd_train(o: dict, out: Out) -> dict:
     output = Path(o.get("output") or f"peftlab-runs/{o['method']}-{Path(job.name).stem}")
     out.say(f"peftlab train: {o['method']} on {job.name} ({job.kind}, {len(job.train)} training examples) "
             f"-> {output}")
+    from .train.checkpoint import latest_checkpoint
+    if not o["resume"] and latest_checkpoint(output) is not None:
+        raise UsageError(f"{output} already has checkpoints from an earlier run; add --resume to continue it, or "
+                         f"choose another --output")
     model, tok = load_base(o, job.kind, len(job.labels) if job.labels else None, job.labels)
     train_ex, collate = encode(job.kind if job.kind != "multiple-choice" else "generation", job.train, tok, o,
                                job.labels)
@@ -440,7 +444,8 @@ def cmd_train(o: dict, out: Out) -> dict:
     result = L.train(pm, train_ex, collate, tc, eval_examples=eval_ex,
                      eval_fn=evaluate if o.get("eval_every") else None, save_adapter=info.kind != "full")
     after = evaluate(pm)
-    out.say(f"after training:  {_fmt(after)}")
+    out.say(f"after training:  {_fmt(after)}" if eval_records else
+            "after training:  no held-out data to evaluate on (give --eval-data FILE.jsonl)")
     summary = {"command": "train", "model": o["model"], "method": info.name, "task": job.name, "kind": job.kind,
                "steps": result["steps"], "batch_size": tc.batch_size, "lr": tc.lr,
                "trainable_params": trainable, "total_params": n_all,
