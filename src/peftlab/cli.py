@@ -54,7 +54,7 @@ TRAIN = [
     _opt("--output", help="run directory (adapter/, checkpoints/, metrics.jsonl, run.json)"),
     _opt("--steps", type=int, help="optimizer steps"),
     _opt("--epochs", type=float, help="passes over the training data (default 1 if --steps is not given)"),
-    _opt("--lr", type=float, default=2e-4),
+    _opt("--lr", type=float, help="learning rate (default: the method's, see `peftlab methods --json`)"),
     _opt("--batch-size", type=int, default=8, help="examples per optimizer step"),
     _opt("--grad-accum", type=int, default=1, help="micro-batches per step (batch-size is split into them)"),
     _opt("--r", type=int, help="rank, for methods that have one (r, rank or init_r)"),
@@ -211,10 +211,10 @@ def _device(name: str):
 def cmd_methods(o: dict, out: Out) -> dict:
     from .core.registry import list_methods
     rows = sorted((m.as_dict() for m in list_methods()), key=lambda d: (d["category"], d["name"]))
-    out.say(f"{'name':<20}{'category':<17}{'kind':<14}{'mergeable':<11}{'HF PEFT':<9}description")
+    out.say(f"{'name':<20}{'category':<17}{'kind':<14}{'mergeable':<11}{'HF PEFT':<9}{'lr':<8}description")
     for d in rows:
         out.say(f"{d['name']:<20}{d['category']:<17}{d['kind']:<14}{'yes' if d['mergeable'] else 'no':<11}"
-                f"{'yes' if d['hf_peft_compatible'] else 'no':<9}{d['description']}")
+                f"{'yes' if d['hf_peft_compatible'] else 'no':<9}{d['default_lr']:<8g}{d['description']}")
     return {"methods": rows}
 
 
@@ -388,8 +388,10 @@ def cmd_train(o: dict, out: Out) -> dict:
     from . import get_peft_model
     from .train import loop as L
     from .train.data import save_labels
+    from .core.registry import get_method
     t_start = time.time()
     torch.manual_seed(o["seed"])
+    get_method(o["method"])  # an unknown method fails before any data or model is loaded
     job = load_job(o)
     output = Path(o.get("output") or f"peftlab-runs/{o['method']}-{Path(job.name).stem}")
     out.say(f"peftlab train: {o['method']} on {job.name} ({job.kind}, {len(job.train)} training examples) "
@@ -403,7 +405,8 @@ def cmd_train(o: dict, out: Out) -> dict:
                                job.labels)
     eval_records = _sample(job.eval, o["eval_size"], o["seed"])
     tc = L.TrainConfig(output_dir=str(output), steps=o.get("steps"), epochs=o.get("epochs"),
-                       batch_size=o["batch_size"], grad_accum=o["grad_accum"], lr=o["lr"],
+                       batch_size=o["batch_size"], grad_accum=o["grad_accum"],
+                       lr=o["lr"] if o.get("lr") is not None else get_method(o["method"]).default_lr,
                        weight_decay=o["weight_decay"], schedule=o["schedule"], warmup_steps=o.get("warmup"),
                        max_grad_norm=o["max_grad_norm"] or None, precision=o["precision"],
                        gradient_checkpointing=bool(o["gradient_checkpointing"]), eval_every=o.get("eval_every"),
@@ -412,9 +415,14 @@ def cmd_train(o: dict, out: Out) -> dict:
     total = tc.total_steps(len(train_ex))
     task_type = "SEQ_CLS" if job.kind == "classification" else "CAUSAL_LM"
     info, cfg = method_config(o, task_type, total)
-    if hasattr(cfg, "prepare"):  # data-driven methods (Child-tuning's Fisher mask, CorDA) look at task batches
+    if hasattr(cfg, "prepare"):  # data-driven methods (Child-tuning's Fisher mask, CorDA) look at data first
         bs = tc.batch_size // tc.grad_accum
-        cfg.prepare(model, [collate(train_ex[i:i + bs]) for i in range(0, min(len(train_ex), 8 * bs), bs)])
+        if getattr(cfg, "calibration_data", "task") == "knowledge":
+            # CorDA KPM: the knowledge to keep is general English, not the task (never the probe's own passages)
+            from .train.tasks import knowledge_texts
+            cfg.prepare(model, knowledge_texts(), tokenizer=tok, batch_size=bs)
+        else:
+            cfg.prepare(model, [collate(train_ex[i:i + bs]) for i in range(0, min(len(train_ex), 8 * bs), bs)])
     torch.manual_seed(o["seed"])
     pm = get_peft_model(model, cfg)
     trainable, n_all = pm.get_nb_trainable_parameters()

@@ -24,6 +24,10 @@ class MethodInfo:
     hf_peft_compatible: bool = False   # written exactly as HF PEFT writes it
     identity_at_init: bool = True      # the adapted model equals the base model at step 0
     description: str = ""
+    # The learning rate `peftlab train` uses when --lr is not given. Methods differ by orders of magnitude
+    # (a few thousand soft-prompt values want ~3e-2, full fine-tuning ~5e-5); one global default would make
+    # half the zoo look broken.
+    default_lr: float = 2e-4
 
     def make_config(self, **overrides: Any):
         return self.config_cls(**{**self.preset, **overrides})
@@ -31,7 +35,8 @@ class MethodInfo:
     def as_dict(self) -> dict:
         return {"name": self.name, "category": self.category, "kind": self.kind, "mergeable": self.mergeable,
                 "hf_peft_compatible": self.hf_peft_compatible, "identity_at_init": self.identity_at_init,
-                "description": self.description}
+                "description": self.description,
+                "default_lr": self.default_lr}
 
 
 _METHODS: dict[str, MethodInfo] = {}

@@ -66,4 +66,4 @@ class LNTuningTuner(SelectiveTuner):
 
 register_method(MethodInfo(
     "ln-tuning", LNTuningConfig, category="selective", kind="selective", mergeable=True, hf_peft_compatible=True,
-    description="train only the normalisation layers' weights and biases (HF PEFT's LN_TUNING)"))
+    default_lr=1e-3, description="train only the normalisation layers' weights and biases (HF PEFT's LN_TUNING)"))

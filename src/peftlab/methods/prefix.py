@@ -60,7 +60,8 @@ class PrefixTuner(VirtualTokenTuner):
         return prepend_prefix(model, box[adapter_name](), config, kwargs, generate)
 
 
-_PREFIX = dict(category="additive", kind="input", mergeable=False, hf_peft_compatible=True, identity_at_init=False)
+_PREFIX = dict(category="additive", kind="input", mergeable=False, hf_peft_compatible=True, identity_at_init=False,
+               default_lr=1e-2)
 register_method(MethodInfo("prefix-tuning", PrefixTuningConfig, **_PREFIX,
                            preset={"num_virtual_tokens": 20, "prefix_projection": True},
                            description="per-layer key/value prefixes trained through an MLP, folded on save "

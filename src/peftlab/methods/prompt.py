@@ -135,8 +135,8 @@ class PTuningTuner(_EmbeddingPromptTuner):
 
 _PROMPT = dict(category="additive", kind="input", mergeable=False, hf_peft_compatible=True, identity_at_init=False)
 register_method(MethodInfo("prompt-tuning", PromptTuningConfig, **_PROMPT,
-                           preset={"num_virtual_tokens": 20, "prompt_tuning_init": "SAMPLE_VOCAB"},
+                           preset={"num_virtual_tokens": 20, "prompt_tuning_init": "SAMPLE_VOCAB"}, default_lr=3e-2,
                            description="trainable virtual-token embeddings prepended to the input (Lester et al. 2021)"))
 register_method(MethodInfo("p-tuning", PromptEncoderConfig, **_PROMPT,
-                           preset={"num_virtual_tokens": 20, "encoder_reparameterization_type": "MLP"},
+                           preset={"num_virtual_tokens": 20, "encoder_reparameterization_type": "MLP"}, default_lr=1e-3,
                            description="virtual tokens produced by an MLP/LSTM prompt encoder (Liu et al. 2021)"))

@@ -116,6 +116,13 @@ def general_english_passages(n: int = 24, per: int = 8, seed: int = 1234) -> lis
             for i in range(0, n * per, per)]
 
 
+def knowledge_texts(n_passages: int = 32, per: int = 8, seed: int = 0) -> list[str]:
+    """General English passages for calibrating knowledge-preserving methods (CorDA KPM). Drawn from the end of
+    the same shuffle whose start the forgetting probe reads, so the probe never scores text the method saw."""
+    sents = wordnet.general_english_text(seed=1234 + seed)[-n_passages * per:]
+    return [" ".join(sents[i:i + per]) for i in range(0, len(sents), per)]
+
+
 def forgetting_inputs(n_passages: int = 24, n_questions: int = 100, seed: int = 0) -> tuple[list[str], list[dict]]:
     """What the forgetting probe measures a model on: general English passages and untrained definition questions."""
     return general_english_passages(n_passages, seed=1234 + seed), get_task("wordnet-definitions", seed).test[:n_questions]
