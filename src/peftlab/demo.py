@@ -23,7 +23,7 @@ def _say(*parts) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m peftlab.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--steps", type=int, default=96)
+    p.add_argument("--steps", type=int, default=80)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--r", type=int, default=16)
@@ -105,9 +105,9 @@ def main(argv=None) -> int:
     # 4. save, reload onto a fresh base, compare; merge, compare
     adapter_dir = out / "adapter"
     pm.save_pretrained(str(adapter_dir))
-    checks = timed("reload + merge checks", lambda: _round_trip(pm, args.model, adapter_dir, evalset, tok, tuned, gen))
+    checks = timed("reload + merge checks", lambda: _round_trip(pm, args.model, adapter_dir, evalset, tok, gen))
     _say(f"[6/6] adapter saved to {adapter_dir} ({_size(adapter_dir)}); reloaded on a fresh base: max |logit diff| "
-         f"{checks['reload_max_diff']:.1e}, answers identical {checks['reload_same_answers']}/{len(evalset)}; "
+         f"{checks['reload_max_diff']:.1e}; "
          f"merged vs unmerged: max |logit diff| {checks['merge_max_diff']:.1e}, merged exact match "
          f"{checks['merged_exact_match']:.1%}")
 
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     _say(f"(exact match on {len(evalset)} held-out prompts; perplexity on {len(texts)} passages of WordNet example "
          f"sentences; definitions: {len(questions)} untrained 4-way questions, chance 25%)")
     _say(f"wall time {wall:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")")
-    ok = tuned["exact_match"] > few["exact_match"] and checks["reload_same_answers"] == len(evalset)
+    ok = tuned["exact_match"] > few["exact_match"] and checks["reload_max_diff"] <= 1e-5
     summary = {"zero_shot": zero["exact_match"], "few_shot": few["exact_match"], "fine_tuned": tuned["exact_match"],
                "merged": checks["merged_exact_match"], "forgetting": change, "steps": args.steps,
                "batch_size": args.batch_size, "lr": args.lr, "loss_first": result["loss_first"],
@@ -153,7 +153,7 @@ def _size(path: Path) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def _round_trip(pm, model_name, adapter_dir, evalset, tok, tuned, gen) -> dict:
+def _round_trip(pm, model_name, adapter_dir, evalset, tok, gen) -> dict:
     import torch
     import peftlab
     from peftlab.models import load_model
@@ -172,13 +172,11 @@ def _round_trip(pm, model_name, adapter_dir, evalset, tok, tuned, gen) -> dict:
     trained = logits(pm)
     base, _ = load_model(model_name, task="causal-lm")
     reloaded = peftlab.PeftModel.from_pretrained(base, str(adapter_dir))
-    again = M.eval_generation(reloaded, tok, evalset, **gen)
-    same = sum(a == b for a, b in zip(again["predictions"], tuned["predictions"]))
     reload_diff = float((logits(reloaded) - trained).abs().max())
     merged = reloaded.merge_and_unload()
     merge_diff = float((logits(merged) - trained).abs().max())
     merged_em = M.eval_generation(merged, tok, evalset, **gen)["exact_match"]
-    return {"reload_max_diff": reload_diff, "reload_same_answers": same, "merge_max_diff": merge_diff,
+    return {"reload_max_diff": reload_diff, "merge_max_diff": merge_diff,
             "merged_exact_match": merged_em}
 
 
