@@ -192,6 +192,21 @@ class LoraEmbedding(Adapter):
         return result + (rows @ self.lora_B.t() * self.scale).to(result.dtype)
 
 
+def linear_lora_kwargs(method: str, base_layer: nn.Module, config: LoraConfig, module_name: str) -> dict:
+    """LoraLinear's constructor arguments for a Linear/Conv1D layer (rank/alpha patterns applied), for LoRA and
+    the LoRA variants that subclass LoraLinear (LoRA-FA, LoRA-dropout)."""
+    conv1d = type(base_layer).__name__ == "Conv1D"
+    if not (isinstance(base_layer, nn.Linear) or conv1d):
+        raise ValueError(f"{method} cannot adapt {module_name} ({type(base_layer).__name__}); it supports "
+                         f"nn.Linear and transformers' Conv1D")
+    r = pattern_value(config.rank_pattern, module_name, config.r)
+    alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
+    fan_in_fan_out = config.fan_in_fan_out or conv1d
+    d_out, d_in = base_layer.weight.shape[::-1] if fan_in_fan_out else base_layer.weight.shape
+    return dict(d_in=d_in, d_out=d_out, r=r, scale=lora_scale(alpha, r, config.use_rslora),
+                dropout=config.lora_dropout, fan_in_fan_out=fan_in_fan_out, init=config.init_lora_weights)
+
+
 @register_tuner("LORA", LoraConfig)
 class LoraTuner(LayerTuner):
     def target_filter(self, module: nn.Module) -> bool:

@@ -21,9 +21,8 @@ import torch.nn.functional as F
 
 from ..core.layer import Adapter
 from ..core.registry import MethodInfo, register_method, register_tuner
-from ..core.targets import pattern_value
 from ..core.tuner import LayerTuner
-from .lora import LoraConfig, LoraLinear, lora_scale
+from .lora import LoraConfig, LoraLinear, linear_lora_kwargs
 
 
 @dataclass
@@ -67,20 +66,11 @@ class LoraDropoutLinear(LoraLinear):
 @register_tuner("LORA_DROPOUT", LoraDropoutConfig)
 class LoraDropoutTuner(LayerTuner):
     def create_adapter(self, base_layer, config: LoraDropoutConfig, module_name: str, adapter_name: str) -> Adapter:
-        conv1d = type(base_layer).__name__ == "Conv1D"
-        if not (isinstance(base_layer, nn.Linear) or conv1d):
-            raise ValueError(f"LoRA-dropout cannot adapt {module_name} ({type(base_layer).__name__}); it supports "
-                             f"nn.Linear and transformers' Conv1D")
-        r = pattern_value(config.rank_pattern, module_name, config.r)
-        alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
-        fan_in_fan_out = config.fan_in_fan_out or conv1d
-        d_out, d_in = base_layer.weight.shape[::-1] if fan_in_fan_out else base_layer.weight.shape
         if isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian":
             raise ValueError(f"LoRA-dropout supports init_lora_weights True/False/'gaussian', got "
                              f"{config.init_lora_weights!r}")
-        return LoraDropoutLinear(config.sparsity_dropout, d_in=d_in, d_out=d_out, r=r,
-                                 scale=lora_scale(alpha, r, config.use_rslora), dropout=config.lora_dropout,
-                                 fan_in_fan_out=fan_in_fan_out, init=config.init_lora_weights)
+        return LoraDropoutLinear(config.sparsity_dropout,
+                                 **linear_lora_kwargs("LoRA-dropout", base_layer, config, module_name))
 
 
 register_method(MethodInfo(

@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from ..core.functional import fused_ok
 from ..core.layer import Adapter
 from ..core.registry import MethodInfo, register_method, register_tuner
-from ..core.targets import pattern_value
 from ..core.tuner import LayerTuner
-from .lora import LoraConfig, LoraLinear, lora_scale
+from .lora import LoraConfig, LoraLinear, linear_lora_kwargs
 
 
 @dataclass
@@ -118,17 +117,8 @@ class LoraFaLinear(LoraLinear):
 @register_tuner("LORA_FA", LoraFaConfig)
 class LoraFaTuner(LayerTuner):
     def create_adapter(self, base_layer, config: LoraFaConfig, module_name: str, adapter_name: str) -> Adapter:
-        conv1d = type(base_layer).__name__ == "Conv1D"
-        if not (isinstance(base_layer, nn.Linear) or conv1d):
-            raise ValueError(f"LoRA-FA cannot adapt {module_name} ({type(base_layer).__name__}); it supports "
-                             f"nn.Linear and transformers' Conv1D")
-        r = pattern_value(config.rank_pattern, module_name, config.r)
-        alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
-        fan_in_fan_out = config.fan_in_fan_out or conv1d
-        d_out, d_in = base_layer.weight.shape[::-1] if fan_in_fan_out else base_layer.weight.shape
-        return LoraFaLinear(project_gradient=config.project_gradient, d_in=d_in, d_out=d_out, r=r,
-                            scale=lora_scale(alpha, r, config.use_rslora), dropout=config.lora_dropout,
-                            fan_in_fan_out=fan_in_fan_out, init=config.init_lora_weights)
+        return LoraFaLinear(project_gradient=config.project_gradient,
+                            **linear_lora_kwargs("LoRA-FA", base_layer, config, module_name))
 
 
 register_method(MethodInfo(
