@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -17,7 +16,7 @@ import torch.nn as nn
 
 from .config import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, PeftConfig
 from .io import load_tensors, save_tensors
-from .layer import AdaptedLayer, ModulesToSave
+from .layer import ModulesToSave
 from .registry import get_tuner
 from .tuner import ABSOLUTE_KEY, Tuner, adapted_layers, set_submodule
 from ..hf.defaults import SEQ_CLS_HEAD_NAMES

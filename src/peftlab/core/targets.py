@@ -32,6 +32,18 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
+def linear_features(method: str, layer: nn.Module, module_name: str) -> tuple[int, int, bool]:
+    """(d_in, d_out, is_conv1d) of a layer a weight-adapting method wraps; a clear error for any other layer type.
+    transformers' Conv1D stores its weight as (d_in, d_out), nn.Linear as (d_out, d_in)."""
+    if not is_linear_like(layer):
+        raise ValueError(f"{method} cannot adapt {module_name} ({type(layer).__name__}); it supports nn.Linear "
+                         f"and transformers' Conv1D. Leave it out of target_modules (or use exclude_modules)")
+    layer = getattr(layer, "base_layer", layer)
+    conv1d = not isinstance(layer, nn.Linear)
+    w = layer.weight
+    return (w.shape[0], w.shape[1], True) if conv1d else (w.shape[1], w.shape[0], False)
+
+
 def _name_matches(spec, key: str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, key) is not None

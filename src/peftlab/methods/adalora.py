@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..core.layer import Adapter
 from ..core.registry import MethodInfo, register_method, register_tuner
+from ..core.targets import linear_features
 from ..core.tuner import LayerTuner, adapted_layers
 from ..hf.defaults import LORA_TARGETS
 from .lora import LoraConfig
@@ -181,12 +182,8 @@ class AdaLoraTuner(LayerTuner):
     default_targets_table = ADALORA_TARGETS
 
     def create_adapter(self, base_layer, config: AdaLoraConfig, module_name: str, adapter_name: str) -> Adapter:
-        conv1d = type(base_layer).__name__ == "Conv1D"
-        if not (isinstance(base_layer, nn.Linear) or conv1d):
-            raise ValueError(f"AdaLoRA cannot adapt {module_name} ({type(base_layer).__name__}); it supports "
-                             f"nn.Linear and transformers' Conv1D")
+        d_in, d_out, conv1d = linear_features("AdaLoRA", base_layer, module_name)
         fan_in_fan_out = conv1d  # PEFT forces it to match the layer type (with a warning)
-        d_out, d_in = base_layer.weight.shape[::-1] if fan_in_fan_out else base_layer.weight.shape
         return SvdLinear(d_in, d_out, config.init_r, config.lora_alpha, config.init_r, config.lora_dropout,
                          fan_in_fan_out, init=bool(config.init_lora_weights))
 

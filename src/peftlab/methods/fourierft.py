@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..core.config import PeftConfig
 from ..core.layer import Adapter
 from ..core.registry import MethodInfo, register_method, register_tuner
+from ..core.targets import linear_features
 from ..core.tuner import LayerTuner
 from ..hf.defaults import LORA_TARGETS
 
@@ -103,12 +104,7 @@ class FourierFTTuner(LayerTuner):
     default_targets_table = FOURIERFT_TARGETS
 
     def create_adapter(self, base_layer, config: FourierFTConfig, module_name: str, adapter_name: str) -> Adapter:
-        conv1d = type(base_layer).__name__ == "Conv1D"
-        if not (isinstance(base_layer, nn.Linear) or conv1d):
-            raise ValueError(f"FourierFT cannot adapt {module_name} ({type(base_layer).__name__}); it supports "
-                             f"nn.Linear and transformers' Conv1D")
-        w = base_layer.weight
-        d_in, d_out = (w.shape[0], w.shape[1]) if conv1d else (w.shape[1], w.shape[0])
+        d_in, d_out, conv1d = linear_features("FourierFT", base_layer, module_name)
         # HF PEFT's pattern lookup: the first key k with `.*\.k$` matching the module name.
         key = next((k for k in config.n_frequency_pattern if re.match(rf".*\.{k}$", module_name)), None)
         n = config.n_frequency_pattern.get(key, config.n_frequency)

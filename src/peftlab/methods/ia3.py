@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..core.config import PeftConfig
 from ..core.layer import Adapter
 from ..core.registry import MethodInfo, register_method, register_tuner
+from ..core.targets import linear_features
 from ..core.tuner import LayerTuner
 
 # HF PEFT's per-architecture defaults: targets, and which of them are feed-forward (input-scaled).
@@ -130,12 +131,7 @@ class IA3Tuner(LayerTuner):
         super().inject(model, config, adapter_name)
 
     def create_adapter(self, base_layer, config: IA3Config, module_name: str, adapter_name: str) -> Adapter:
-        conv1d = type(base_layer).__name__ == "Conv1D"
-        if not (isinstance(base_layer, nn.Linear) or conv1d):
-            raise ValueError(f"(IA)³ in peftlab adapts nn.Linear and transformers' Conv1D; {module_name} is a "
-                             f"{type(base_layer).__name__}")
-        w = base_layer.weight
-        d_in, d_out = (w.shape[0], w.shape[1]) if conv1d else (w.shape[1], w.shape[0])
+        d_in, d_out, conv1d = linear_features("(IA)³", base_layer, module_name)
         return IA3Linear(d_in, d_out, is_feedforward(config, module_name), fan_in_fan_out=conv1d,
                          init=config.init_ia3_weights)
 

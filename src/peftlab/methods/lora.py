@@ -17,7 +17,7 @@ from ..core.config import PeftConfig
 from ..core.functional import fused_ok, lora_linear
 from ..core.layer import Adapter
 from ..core.registry import MethodInfo, register_method, register_tuner
-from ..core.targets import pattern_value
+from ..core.targets import linear_features, pattern_value
 from ..core.tuner import LayerTuner
 
 
@@ -195,14 +195,10 @@ class LoraEmbedding(Adapter):
 def linear_lora_kwargs(method: str, base_layer: nn.Module, config: LoraConfig, module_name: str) -> dict:
     """LoraLinear's constructor arguments for a Linear/Conv1D layer (rank/alpha patterns applied), for LoRA and
     the LoRA variants that subclass LoraLinear (LoRA-FA, LoRA-dropout)."""
-    conv1d = type(base_layer).__name__ == "Conv1D"
-    if not (isinstance(base_layer, nn.Linear) or conv1d):
-        raise ValueError(f"{method} cannot adapt {module_name} ({type(base_layer).__name__}); it supports "
-                         f"nn.Linear and transformers' Conv1D")
+    d_in, d_out, conv1d = linear_features(method, base_layer, module_name)
     r = pattern_value(config.rank_pattern, module_name, config.r)
     alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
     fan_in_fan_out = config.fan_in_fan_out or conv1d
-    d_out, d_in = base_layer.weight.shape[::-1] if fan_in_fan_out else base_layer.weight.shape
     return dict(d_in=d_in, d_out=d_out, r=r, scale=lora_scale(alpha, r, config.use_rslora),
                 dropout=config.lora_dropout, fan_in_fan_out=fan_in_fan_out, init=config.init_lora_weights)
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..core.config import PeftConfig
 from ..core.layer import Adapter
 from ..core.registry import MethodInfo, register_method, register_tuner
-from ..core.targets import resolve_targets
+from ..core.targets import linear_features, resolve_targets
 from ..core.tuner import ABSOLUTE_KEY, LayerTuner
 from ..hf.defaults import LORA_TARGETS
 
@@ -112,13 +112,6 @@ class VeraLinear(Adapter):
         return (result + update).to(result.dtype)
 
 
-def _dims(module: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of a Linear or Conv1D (whose weight is stored d_in×d_out)."""
-    module = getattr(module, "base_layer", module)
-    w = module.weight
-    return (w.shape[0], w.shape[1]) if type(module).__name__ == "Conv1D" else (w.shape[1], w.shape[0])
-
-
 @register_tuner("VERA", VeraConfig)
 class VeraTuner(LayerTuner):
     default_targets_table = VERA_TARGETS
@@ -127,7 +120,7 @@ class VeraTuner(LayerTuner):
     def inject(self, model, config: VeraConfig, adapter_name: str) -> None:
         # The shared pair is sized to the largest target, so the targets are resolved once up front.
         names = resolve_targets(model, config, module_filter=self.target_filter, default_table=VERA_TARGETS)
-        dims = [_dims(model.get_submodule(n)) for n in names if hasattr(model.get_submodule(n), "weight")]
+        dims = [linear_features("VeRA", model.get_submodule(n), n)[:2] for n in names]
         if not dims:
             raise ValueError(f"VeRA found no Linear/Conv1D layer among the targets {names}")
         d_in, d_out = max(d for d, _ in dims), max(d for _, d in dims)
@@ -138,11 +131,7 @@ class VeraTuner(LayerTuner):
             self._projections = None
 
     def create_adapter(self, base_layer, config: VeraConfig, module_name: str, adapter_name: str) -> Adapter:
-        conv1d = type(base_layer).__name__ == "Conv1D"
-        if not (isinstance(base_layer, nn.Linear) or conv1d):
-            raise ValueError(f"VeRA cannot adapt {module_name} ({type(base_layer).__name__}); it supports "
-                             f"nn.Linear and transformers' Conv1D")
-        d_in, d_out = _dims(base_layer)
+        d_in, d_out, conv1d = linear_features("VeRA", base_layer, module_name)
         return VeraLinear(d_in, d_out, config.r, self._projections, config.d_initial, config.vera_dropout,
                           fan_in_fan_out=conv1d, init=config.init_weights)
 
