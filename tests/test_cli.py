@@ -172,3 +172,23 @@ def test_clear_errors(capsys, tmp_path, tiny_dir, files):
     code, _, cap = run(capsys, "train", "--model", tiny_dir, "--data", files["pc"], "--output", tmp_path / "r",
                        "--resume", *FAST)
     assert code == 1 and "no checkpoint" in cap.err
+
+
+def test_method_default_lr_and_corda_calibration_source(capsys, tmp_path, tiny_dir, files, monkeypatch):
+    """Without --lr a run uses the method's own rate; CorDA IPM calibrates on the task's batches, KPM on general
+    English text (the knowledge to keep), never on the task."""
+    from peftlab.core.registry import get_method
+    from peftlab.train import tasks
+    calls = []
+    real = tasks.knowledge_texts
+    monkeypatch.setattr(tasks, "knowledge_texts", lambda *a, **k: calls.append(1) or real(*a, **k)[:4])
+    common = ["--model", tiny_dir, "--data", files["pc"], "--method", "corda", "--steps", 2, "--batch-size", 4,
+              "--r", 2, *FAST, "--json"]
+    code, res, cap = run(capsys, "train", *common, "--output", tmp_path / "ipm")
+    assert code == 0, cap.err
+    assert res["lr"] == get_method("corda").default_lr != get_method("prompt-tuning").default_lr
+    assert calls == []
+    code, res, cap = run(capsys, "train", *common, "--set", "corda_config={corda_method: kpm}",
+                         "--output", tmp_path / "kpm")
+    assert code == 0, cap.err
+    assert calls == [1]
