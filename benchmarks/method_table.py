@@ -24,7 +24,8 @@ from common import base_model, env_line, interleaved, randomize, setup_torch, sh
 import torch  # noqa: E402
 
 # Extra rows: a registry method with config overrides (what `--set` takes).
-VARIANTS = {"corda-kpm": ("corda", ["corda_config={corda_method: kpm}"])}
+VARIANTS = {"corda-kpm": ("corda", ["corda_config={corda_method: kpm}"]),
+            "bitfit+bias": ("bitfit", ["add_bias=true"])}   # LLaMA-style models have no biases of their own
 
 
 def rows(selected: str | None) -> list[tuple[str, str, list[str]]]:
