@@ -6,7 +6,7 @@ Two parts, run one after the other (never alongside other CPU work: the latency 
   latency  — unmerged inference forward (batch 32×64, logits of the last position) of each method over the
              frozen base, CPU time, interleaved rounds (benchmarks/common.py), adapters with random non-zero
              weights. Prompt methods pay for their virtual tokens here.
-Run: .venv/bin/python benchmarks/method_table.py [--steps 40] [--methods lora,ia3,...] [--skip-train|--skip-latency]
+Run: .venv/bin/python benchmarks/method_table.py [--steps 40] [--methods lora,ia3@1e-2,...] [--skip-train|--skip-latency]
 Writes benchmarks/results/method_table.json and prints a markdown table.
 """
 from __future__ import annotations
@@ -33,7 +33,8 @@ def rows(selected: str | None) -> list[tuple[str, str, list[str]]]:
     names = [m.name for m in list_methods()] + list(VARIANTS)
     if selected:
         names = [n.strip() for n in selected.split(",") if n.strip()]
-    return [(n, *VARIANTS.get(n, (n, []))) for n in names]
+    # "NAME@LR" rows: the same method at another learning rate (e.g. fourierft@5e-2)
+    return [(n, *VARIANTS.get(n.split("@")[0], (n.split("@")[0], []))) for n in names]
 
 
 def train_row(label: str, method: str, sets: list[str], args, workdir: Path) -> dict:
@@ -43,6 +44,8 @@ def train_row(label: str, method: str, sets: list[str], args, workdir: Path) -> 
            "--no-eval-before", "--no-progress", "--json", "--save-every", "0", "--output", str(workdir / label)]
     for s in sets:
         cmd += ["--set", s]
+    if "@" in label:
+        cmd += ["--lr", label.split("@")[1]]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         return {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
@@ -67,8 +70,8 @@ def latency(labels: list[tuple[str, str, list[str]]], rounds: int) -> dict[str, 
     out = {}
     for label, method, sets in labels:
         info = get_method(method)
-        if info.kind == "full" or info.category == "selective":
-            continue  # these change weights in place: the forward is the base model's
+        if info.kind == "full" or info.category == "selective" or "@" in label:
+            continue  # selective/full change weights in place (the base forward); NAME@LR has NAME's latency
         over = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in sets)}
         cfg = info.make_config(task_type="CAUSAL_LM", **over)
         if hasattr(cfg, "prepare"):
