@@ -25,7 +25,8 @@ import torch  # noqa: E402
 
 # Extra rows: a registry method with config overrides (what `--set` takes).
 VARIANTS = {"corda-kpm": ("corda", ["corda_config={corda_method: kpm}"]),
-            "bitfit+bias": ("bitfit", ["add_bias=true"])}   # LLaMA-style models have no biases of their own
+            "bitfit+bias": ("bitfit", ["add_bias=true"]),   # LLaMA-style models have no biases of their own
+            "p-tuning-v2+zero": ("p-tuning-v2", ["init_weights=zero"])}  # zero keys/values instead of N(0, 1)
 
 
 def rows(selected: str | None) -> list[tuple[str, str, list[str]]]:
