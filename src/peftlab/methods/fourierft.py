@@ -115,4 +115,4 @@ class FourierFTTuner(LayerTuner):
 register_method(MethodInfo(
     "fourierft", FourierFTConfig, preset={"init_weights": True}, category="reparameterized", kind="delta-weight",
     mergeable=True, hf_peft_compatible=True,
-    description="n trainable Fourier coefficients per layer; ΔW = scale·Re(ifft2) (Gao et al. 2024)"))
+    default_lr=2e-2, description="n trainable Fourier coefficients per layer; ΔW = scale·Re(ifft2) (Gao et al. 2024)"))

@@ -62,7 +62,7 @@ class PrefixTuner(VirtualTokenTuner):
 
 _PREFIX = dict(category="additive", kind="input", mergeable=False, hf_peft_compatible=True, identity_at_init=False,
                default_lr=1e-2)
-register_method(MethodInfo("prefix-tuning", PrefixTuningConfig, **_PREFIX,
+register_method(MethodInfo("prefix-tuning", PrefixTuningConfig, **{**_PREFIX, "default_lr": 1e-3},
                            preset={"num_virtual_tokens": 20, "prefix_projection": True},
                            description="per-layer key/value prefixes trained through an MLP, folded on save "
                                        "(Li & Liang 2021)"))
