@@ -163,16 +163,23 @@ def test_smollm2_interop_both_ways(tmp_path, dora):
     _perturb_trainable(ours, seed=5)
     ours.eval()
     ours.save_pretrained(tmp_path / "ours")
-    expected = _out(ours, batch)
+    with peftlab.hf_peft_numerics():  # PEFT's summation order: bit-identical outputs
+        expected = _out(ours, batch)
+    fast = _out(ours, batch)          # the default fast kernels: the same function, rounded differently
     fresh, _ = load_model("smollm2-135m")
     theirs = peft.PeftModel.from_pretrained(fresh, tmp_path / "ours").eval()
-    diff1 = (_out(theirs, batch) - expected).abs().max().item()
+    reference = _out(theirs, batch)
+    diff1 = (reference - expected).abs().max().item()
     theirs.save_pretrained(tmp_path / "theirs")
     fresh2, _ = load_model("smollm2-135m")
     back = peftlab.PeftModel.from_pretrained(fresh2, tmp_path / "theirs").eval()
-    diff2 = (_out(back, batch) - _out(theirs, batch)).abs().max().item()
-    print(f"SmolLM2 {'DoRA' if dora else 'LoRA'} interop max|diff|: peftlab->peft {diff1:.2e}, peft->peftlab {diff2:.2e}")
+    with peftlab.hf_peft_numerics():
+        diff2 = (_out(back, batch) - reference).abs().max().item()
+    fast_rel = ((fast - reference).abs().max() / reference.abs().max()).item()
+    print(f"SmolLM2 {'DoRA' if dora else 'LoRA'} interop max|diff|: peftlab->peft {diff1:.2e}, peft->peftlab "
+          f"{diff2:.2e}; fast kernels vs PEFT: {fast_rel:.1e} of the largest logit")
     assert diff1 <= TOL and diff2 <= TOL
+    assert fast_rel <= 1e-4  # measured 5e-6 with adapters perturbed far beyond trained ones (std 0.1)
 
 
 @pytest.mark.parametrize("combination", ["linear", "cat", "svd"])

@@ -1,12 +1,13 @@
 """peftlab: parameter-efficient fine-tuning for PyTorch / Transformers, with HF PEFT's API and file format."""
 from .core.config import PeftConfig
+from .core.functional import hf_peft_numerics
 from .core.model import PeftModel, get_peft_model
 from .core.registry import get_method, list_methods
 from .methods.lora import LoraConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["PeftConfig", "PeftModel", "get_peft_model", "get_method", "list_methods", "LoraConfig",
+__all__ = ["PeftConfig", "PeftModel", "hf_peft_numerics", "get_peft_model", "get_method", "list_methods", "LoraConfig",
            "__version__"]
 
 

@@ -9,10 +9,33 @@ Shapes: x (N, d_in), W (d_out, d_in), A (r, d_in), B (d_out, r), u (N, r).
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+
+# A plain module global, not a thread-local: torch.compile reads (and guards on) globals without a graph break.
+_PEFT_ORDER = False
+
+
+@contextlib.contextmanager
+def hf_peft_numerics() -> Iterator[None]:
+    """Inside this block, LoRA layers outside training compute exactly as HF PEFT does: base output + (B(A x))·s,
+    summed in that order, so outputs equal a PEFT-loaded adapter's bit for bit. Outside it (the default) they
+    take the fast kernels below, which round differently: the same function to float precision (~1e-6
+    relative per layer), measurably faster (benchmarks/inference.py)."""
+    global _PEFT_ORDER
+    before, _PEFT_ORDER = _PEFT_ORDER, True
+    try:
+        yield
+    finally:
+        _PEFT_ORDER = before
+
+
+def peft_order() -> bool:
+    """True inside `hf_peft_numerics()`."""
+    return _PEFT_ORDER
 
 
 def _base_onto_lowrank(x2, weight, bias, u, lora_B) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.config import PeftConfig
-from ..core.functional import fused_ok, lora_linear
+from ..core.functional import fused_ok, lora_linear, peft_order
 from ..core.layer import Adapter
 from ..core.registry import MethodInfo, register_method, register_tuner
 from ..core.targets import linear_features, pattern_value
@@ -138,10 +138,9 @@ class LoraLinear(Adapter):
     def forward(self, x: torch.Tensor, base_layer: nn.Module, result: Optional[torch.Tensor]) -> torch.Tensor:
         if result is None:
             w = self.base_weight(base_layer)
-            # Training takes the fused kernel. Outside training (eval()) the sum is formed in HF PEFT's order,
-            # base output + low-rank term: any other order rounds differently, and across 30 layers that moves
-            # logits by ~1e-4 — more than the bit-for-bit parity with PEFT-loaded adapters that users rely on.
-            if self.training and not self._dropout_active() and fused_ok(x, w, self.lora_A):
+            # The fused kernels by default (training and inference); `peftlab.hf_peft_numerics()` outside
+            # training sums in HF PEFT's order instead, for outputs bit-identical to a PEFT-loaded adapter.
+            if (self.training or not peft_order()) and not self._dropout_active() and fused_ok(x, w, self.lora_A):
                 return lora_linear(x, w, base_layer.bias, self.lora_A, self.lora_B, self.scale)
             result = base_layer(x)
         # The unfused path, with HF PEFT's numerics: x cast to the adapter dtype, the sum back to the output's.
