@@ -3,7 +3,7 @@
 Two parts, run one after the other (never alongside other CPU work: the latency column is a timing):
   train    — `peftlab train` for each method on wordnet-antonyms (the demo task) with the method's default
              learning rate and config, a short run; reads each run's JSON summary.
-  latency  — unmerged inference forward (batch 32×64, logits of the last position) of each method over the
+  latency  — unmerged inference forward (batch 8×64, logits of the last position) of each method over the
              frozen base, CPU time, interleaved rounds (benchmarks/common.py), adapters with random non-zero
              weights. Prompt methods pay for their virtual tokens here.
 Run: .venv/bin/python benchmarks/method_table.py [--steps 40] [--methods lora,ia3@1e-2,...] [--skip-train|--skip-latency]
@@ -54,13 +54,13 @@ def train_row(label: str, method: str, sets: list[str], args, workdir: Path) -> 
 
 
 def latency(labels: list[tuple[str, str, list[str]]], rounds: int) -> dict[str, float]:
-    """Median per-round CPU-time ratio adapted/base for a 32×64 inference forward, one method at a time."""
+    """Median per-round CPU-time ratio adapted/base for a 8×64 inference forward, one method at a time."""
     import yaml
     import peftlab
     from peftlab.core.registry import get_method
     setup_torch(2)
     base = base_model()
-    batch = token_batch(32, 64, labels=False)
+    batch = token_batch(8, 64, labels=False)  # 32×64 (issue 6) takes ~7 s a forward here
 
     def fwd(m):
         def run():
