@@ -12,6 +12,7 @@ Writes benchmarks/results/method_table.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -74,6 +75,8 @@ def latency(labels: list[tuple[str, str, list[str]]], rounds: int) -> dict[str, 
         if info.kind == "full" or info.category == "selective" or "@" in label:
             continue  # selective/full change weights in place (the base forward); NAME@LR has NAME's latency
         over = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in sets)}
+        if "total_step" in {f.name for f in dataclasses.fields(info.config_cls)}:
+            over.setdefault("total_step", 100)  # AdaLoRA's budget schedule needs a run length; any will do here
         cfg = info.make_config(task_type="CAUSAL_LM", **over)
         if hasattr(cfg, "prepare"):
             cfg.prepare(base, [token_batch(4, 64, labels=False, seed=1)])
