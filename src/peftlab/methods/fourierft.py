@@ -67,6 +67,7 @@ class FourierFTConfig(PeftConfig):
 
 class FourierFTLinear(Adapter):
     mergeable = True
+    fuses_base = True  # one matmul with W + ΔW: ΔW is dense, so x·ΔWᵀ beside the base would double the layer's cost
     saved_names = {"fourierft_spectrum": "fourierft_spectrum"}
 
     def __init__(self, d_in: int, d_out: int, n: int, scaling: float, seed: int, fan_in_fan_out: bool = False,
@@ -94,8 +95,13 @@ class FourierFTLinear(Adapter):
         delta = self._delta()
         return delta.t() if self.fan_in_fan_out else delta
 
-    def forward(self, x: torch.Tensor, base_layer: nn.Module, result: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, base_layer: nn.Module, result: Optional[torch.Tensor]) -> torch.Tensor:
         delta = self._delta()
+        if result is None and delta.dtype == base_layer.weight.dtype == x.dtype:
+            w = base_layer.weight.t() if self.fan_in_fan_out else base_layer.weight
+            return F.linear(x, w + delta, base_layer.bias)
+        if result is None:
+            result = base_layer(x)
         return (result + F.linear(x.to(delta.dtype), delta)).to(result.dtype)
 
 
