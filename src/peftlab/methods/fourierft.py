@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..core.config import PeftConfig
 from ..core.layer import Adapter
 from ..core.registry import MethodInfo, register_method, register_tuner
+from ..core.functional import peft_order
 from ..core.targets import linear_features
 from ..core.tuner import LayerTuner
 from ..hf.defaults import LORA_TARGETS
@@ -67,7 +68,8 @@ class FourierFTConfig(PeftConfig):
 
 class FourierFTLinear(Adapter):
     mergeable = True
-    fuses_base = True  # one matmul with W + ΔW: ΔW is dense, so x·ΔWᵀ beside the base would double the layer's cost
+    # One matmul with W + ΔW: ΔW is dense, so x·ΔWᵀ beside the base would double the layer's cost.
+    fuses_base = True
     saved_names = {"fourierft_spectrum": "fourierft_spectrum"}
 
     def __init__(self, d_in: int, d_out: int, n: int, scaling: float, seed: int, fan_in_fan_out: bool = False,
@@ -97,7 +99,7 @@ class FourierFTLinear(Adapter):
 
     def forward(self, x: torch.Tensor, base_layer: nn.Module, result: Optional[torch.Tensor]) -> torch.Tensor:
         delta = self._delta()
-        if result is None and delta.dtype == base_layer.weight.dtype == x.dtype:
+        if result is None and (self.training or not peft_order()) and delta.dtype == base_layer.weight.dtype == x.dtype:
             w = base_layer.weight.t() if self.fan_in_fan_out else base_layer.weight
             return F.linear(x, w + delta, base_layer.bias)
         if result is None:
@@ -121,4 +123,5 @@ class FourierFTTuner(LayerTuner):
 register_method(MethodInfo(
     "fourierft", FourierFTConfig, preset={"init_weights": True}, category="reparameterized", kind="delta-weight",
     mergeable=True, hf_peft_compatible=True,
-    default_lr=2e-2, description="n trainable Fourier coefficients per layer; ΔW = scale·Re(ifft2) (Gao et al. 2024)"))
+    default_lr=2e-2,
+    description="n trainable Fourier coefficients per layer; ΔW = scale·Re(ifft2) (Gao et al. 2024)"))
