@@ -123,3 +123,14 @@ def test_mixed_batch_unknown_adapter():
     model = peftlab.get_peft_model(tiny_llama(), peftlab.LoraConfig(r=4))
     with pytest.raises(ValueError, match=r"unknown adapters \['nope'\]"):
         model(**token_batch(batch=2), adapter_names=["default", "nope"])
+
+
+def test_load_tensors_recognises_safetensors_by_content(tmp_path):
+    # CorDA cache files keep the name the user chose: ours are safetensors, PEFT's are torch.save dicts.
+    from safetensors.torch import save_file
+    from peftlab.core.io import load_tensors
+    t = {"a": torch.arange(6.0).reshape(2, 3)}
+    save_file(t, str(tmp_path / "cache.pt"))
+    torch.save(t, tmp_path / "peft_cache.pt")
+    for name in ("cache.pt", "peft_cache.pt"):
+        assert torch.equal(load_tensors(tmp_path / name)["a"], t["a"]), name

@@ -58,12 +58,22 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         raise
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """safetensors content under another name (e.g. a CorDA cache_file path the user chose): an 8-byte
+    little-endian header length, then the JSON header itself. torch.save files start with a zip or pickle
+    magic instead, so the two are never confused."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read adapter weights. safetensors is preferred; a legacy .bin is read with weights_only=True (no code runs)."""
+    """Read adapter weights. safetensors is preferred (recognised by suffix or content); a legacy .bin or other
+    torch.save file is read with weights_only=True (no code runs)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter weights {path} do not exist")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         try:
             return load_file(str(path), device=str(device))
         except (SafetensorError, OSError, ValueError) as e:

@@ -28,7 +28,7 @@ import torch.nn as nn
 from ..core.calibration import device_of, iter_batches, model_inputs
 from ..core.io import load_tensors, save_tensors
 from ..core.registry import MethodInfo, register_method
-from ..core.selective import innermost
+from ..core.selective import innermost, weight_view
 from ..core.targets import is_linear_like, pattern_value, resolve_targets
 from .lora import LoraConfig
 
@@ -98,22 +98,12 @@ def _targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]
 
 def _weight(module: nn.Module, fan_in_fan_out: bool = False) -> torch.Tensor:
     """The weight as (d_out, d_in) float32."""
-    w = module.weight.detach().float()
-    return w.t() if fan_in_fan_out or type(module).__name__ == "Conv1D" else w
+    return weight_view(module, "weight", fan_in_fan_out or type(module).__name__ == "Conv1D").float()
 
 
 def _checksum(w: torch.Tensor) -> torch.Tensor:
     w = w.double()
     return torch.stack([w.sum(), (w * w).sum(), w.abs().max()]).cpu()
-
-
-def _read(path: str) -> dict[str, torch.Tensor]:
-    """A safetensors file (ours), or PEFT's torch.save dict read with weights_only=True (no code runs)."""
-    from safetensors.torch import load_file
-    try:
-        return load_file(path)
-    except Exception:  # noqa: BLE001 - not safetensors: the core's safe legacy reader
-        return load_tensors(path)
 
 
 @torch.no_grad()
@@ -218,7 +208,7 @@ def preprocess_corda(model: nn.Module, config: LoraConfig, data: Any = None, hoo
     else:
         covfile = opts.covariance_file
         if covfile and os.path.isfile(covfile) and os.path.getsize(covfile) > 0:
-            stored = _read(covfile)
+            stored = load_tensors(covfile)
             missing = [n for n, _ in targets if n not in stored]
             if missing:
                 raise ValueError(f"CorDA covariance file {covfile} has no covariance for {missing[0]}; it was built "
@@ -252,7 +242,7 @@ def preprocess_corda(model: nn.Module, config: LoraConfig, data: Any = None, hoo
 
 
 def _eigens_from_cache(path: str, targets, ranks: dict, fan_in_fan_out: bool = False) -> dict:
-    stored = _read(path)
+    stored = load_tensors(path)
     out = {}
     for name, module in targets:
         keys = [f"{name}.eigens.{k}" for k in ("U_WC", "S_WC", "V_WC")]
