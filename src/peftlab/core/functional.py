@@ -22,9 +22,9 @@ _PEFT_ORDER = False
 @contextlib.contextmanager
 def hf_peft_numerics() -> Iterator[None]:
     """Inside this block, LoRA and FourierFT layers outside training compute exactly as HF PEFT does: base output
-    + (B(A x))·s (+ x·ΔWᵀ), summed in that order, so outputs equal a PEFT-loaded adapter's bit for bit. Outside it (the default) they
-    take the fast kernels below, which round differently: the same function to float precision (~1e-6
-    relative per layer), measurably faster (benchmarks/inference.py)."""
+    + (B(A x))·s (+ x·ΔWᵀ), summed in that order, so outputs equal a PEFT-loaded adapter's bit for bit. Outside
+    it (the default) they take the fast kernels below, which round differently: the same function to float
+    precision (~1e-6 relative per layer), measurably faster (benchmarks/inference.py)."""
     global _PEFT_ORDER
     before, _PEFT_ORDER = _PEFT_ORDER, True
     try:

@@ -297,4 +297,5 @@ def _mask_to_budget(layers, n_prune: int) -> dict:
 register_method(MethodInfo(
     "adalora", AdaLoraConfig, category="reparameterized", kind="delta-weight", mergeable=True,
     hf_peft_compatible=True,
-    default_lr=1e-2, description="SVD-form LoRA whose rank budget is reallocated by importance during training (Zhang et al. 2023)"))
+    default_lr=1e-2,
+    description="SVD-form LoRA whose rank budget is reallocated by importance during training (Zhang et al. 2023)"))

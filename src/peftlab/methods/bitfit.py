@@ -105,4 +105,5 @@ class BitFitTuner(SelectiveTuner):
 
 register_method(MethodInfo(
     "bitfit", BitFitConfig, category="selective", kind="selective", mergeable=True,
-    default_lr=1e-3, description="train only the bias terms (add_bias=True adds zero biases to bias-free models such as LLaMA)"))
+    default_lr=1e-3,
+    description="train only the bias terms (add_bias=True adds zero biases to bias-free models such as LLaMA)"))

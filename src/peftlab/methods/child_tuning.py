@@ -142,4 +142,5 @@ class ChildTuningTuner(SelectiveTuner):
 
 register_method(MethodInfo(
     "child-tuning", ChildTuningConfig, category="selective", kind="selective", mergeable=True,
-    default_lr=5e-5, description="Child-tuning_D: train only the weight entries with the largest Fisher information on task data"))
+    default_lr=5e-5,
+    description="Child-tuning_D: train only the weight entries with the largest Fisher information on task data"))

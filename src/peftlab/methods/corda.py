@@ -298,4 +298,5 @@ def corda_init(adapter, base_layer: nn.Module, config: LoraConfig, module_name: 
 register_method(MethodInfo(
     "corda", CordaLoraConfig, category="reparameterized", kind="delta-weight", mergeable=True,
     hf_peft_compatible=True,
-    default_lr=2e-3, description="LoRA initialised by context-oriented SVD of W·C from calibration data (IPM / KPM modes)"))
+    default_lr=2e-3,
+    description="LoRA initialised by context-oriented SVD of W·C from calibration data (IPM / KPM modes)"))

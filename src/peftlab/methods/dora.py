@@ -142,4 +142,5 @@ class DoraLinear(LoraLinear):
 
 register_method(MethodInfo("dora", LoraConfig, preset={"use_dora": True}, category="reparameterized",
                            kind="delta-weight", mergeable=True, hf_peft_compatible=True,
-                           default_lr=2e-3, description="weight-decomposed LoRA: learned row magnitudes over a LoRA-updated direction"))
+                           default_lr=2e-3,
+                           description="weight-decomposed LoRA: learned row magnitudes over a LoRA-updated direction"))

@@ -138,4 +138,5 @@ class IA3Tuner(LayerTuner):
 
 register_method(MethodInfo(
     "ia3", IA3Config, category="additive", kind="delta-weight", mergeable=True, hf_peft_compatible=True,
-    default_lr=3e-3, description="learned vectors rescaling k/v outputs and feed-forward inputs; mergeable (Liu et al. 2022)"))
+    default_lr=3e-3,
+    description="learned vectors rescaling k/v outputs and feed-forward inputs; mergeable (Liu et al. 2022)"))

@@ -76,4 +76,5 @@ class LoraDropoutTuner(LayerTuner):
 register_method(MethodInfo(
     "lora-dropout", LoraDropoutConfig, category="reparameterized", kind="delta-weight", mergeable=True,
     hf_peft_compatible=False,
-    default_lr=2e-3, description="LoRA with Bernoulli masks on A's input and B's output features in training (Lin et al. 2024)"))
+    default_lr=2e-3,
+    description="LoRA with Bernoulli masks on A's input and B's output features in training (Lin et al. 2024)"))

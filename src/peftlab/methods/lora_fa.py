@@ -124,4 +124,5 @@ class LoraFaTuner(LayerTuner):
 register_method(MethodInfo(
     "lora-fa", LoraFaConfig, category="reparameterized", kind="delta-weight", mergeable=True,
     hf_peft_compatible=False,
-    default_lr=2e-3, description="LoRA with A frozen at init, only B trained; optional (AAᵀ)⁻¹ gradient projection (Zhang et al. 2023)"))
+    default_lr=2e-3,
+    description="LoRA with A frozen at init, only B trained; optional (AAᵀ)⁻¹ gradient projection (Zhang et al. 2023)"))

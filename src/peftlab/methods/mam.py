@@ -105,5 +105,6 @@ class MamTuner(PrefixAndLayersTuner):
 
 register_method(MethodInfo("mam", MamConfig, category="hybrid", kind="input", mergeable=False,
                            hf_peft_compatible=False, identity_at_init=False,
-                           default_lr=1e-3, description="prefix tuning on attention + scaled parallel adapter on the FFN "
+                           default_lr=1e-3,
+                           description="prefix tuning on attention + scaled parallel adapter on the FFN "
                                        "(He et al. 2021)"))

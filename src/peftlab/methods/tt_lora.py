@@ -160,4 +160,5 @@ class TTLoraTuner(LayerTuner):
 register_method(MethodInfo(
     "tt-lora", TTLoraConfig, category="reparameterized", kind="delta-weight", mergeable=True,
     identity_at_init=False,  # the reference init gives ΔW ≠ 0; init_weights="zero" starts from the base model
-    default_lr=5e-3, description="ΔW as a tensor train of small cores over factorised d_in/d_out, applied by contraction"))
+    default_lr=5e-3,
+    description="ΔW as a tensor train of small cores over factorised d_in/d_out, applied by contraction"))

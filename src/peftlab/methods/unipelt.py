@@ -184,4 +184,5 @@ class UniPeltTuner(PrefixAndLayersTuner):
 
 register_method(MethodInfo("unipelt", UniPeltConfig, category="hybrid", kind="input", mergeable=False,
                            hf_peft_compatible=False, identity_at_init=False,
-                           default_lr=1e-3, description="LoRA + prefix + adapter, each behind a learned sigmoid gate (Mao et al. 2022)"))
+                           default_lr=1e-3,
+                           description="LoRA + prefix + adapter, each behind a learned sigmoid gate (Mao et al. 2022)"))

@@ -169,4 +169,5 @@ class VeraTuner(LayerTuner):
 
 register_method(MethodInfo(
     "vera", VeraConfig, category="reparameterized", kind="delta-weight", mergeable=True, hf_peft_compatible=True,
-    default_lr=2e-2, description="shared frozen random A, B; trains per-layer scaling vectors λ_b, λ_d only (Kopiczko et al. 2024)"))
+    default_lr=2e-2,
+    description="shared frozen random A, B; trains per-layer scaling vectors λ_b, λ_d only (Kopiczko et al. 2024)"))
