@@ -122,27 +122,117 @@ class _DoraLinear(torch.autograd.Function):
         gs = g * col_scale                                 # gradient through the column scale, (N, d_out)
         grad_x, grad_A, grad_B = _lora_backward(ctx, gs, x2, weight, lora_A, lora_B, u, ctx.scale)
         grad_m = grad_bias = None
-        if ctx.needs_input_grad[5]:
-            ones = g.new_ones(g.shape[0])
-            prod = torch.mul(g, kept, out=gs)              # gs is spent: reuse its memory, (N, d_out)
-            gk = ones @ prod                               # Σ_n g·z (saved z) or Σ_n g·y, (d_out,)
-            if ctx.saved_z:
-                gz = gk
-            else:
-                if bias is not None:
-                    gk = gk - (ones @ g) * bias            # Σ_n g·(y − b)
-                zero = col_scale == 0
-                gz = gk / torch.where(zero, torch.ones_like(col_scale), col_scale)
-                if bool(zero.any()):                       # z of those columns from x, exactly
-                    idx = zero.nonzero().squeeze(1)
-                    z_cols = F.linear(x2, weight.index_select(0, idx)).addmm_(u, lora_B.index_select(0, idx).t())
-                    gz = gz.index_copy(0, idx, ones @ (g.index_select(1, idx) * z_cols))
-            grad_m = gz * inv_norm
+        if ctx.needs_input_grad[5]:                        # gs is spent: its memory holds g·y
+            grad_m = _dora_magnitude_grad(g, gs, kept, ctx.saved_z, col_scale, inv_norm, bias, x2, weight, u, lora_B)
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
         if bias is not None and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         return grad_x, None, grad_bias, grad_A, grad_B, grad_m, None, None
+
+
+def _dora_magnitude_grad(g, buf, kept, saved_z: bool, col_scale, inv_norm, bias, x2, weight, u, lora_B):
+    """∂L/∂m = ‖·‖⁻¹ Σ_n g·z for y = c ⊙ z + b, from the kept z (saved_z) or the kept output y (z = (y − b)/c).
+    `buf` (N, d_out) is scratch memory the caller no longer needs. Columns whose c is exactly 0 (m_j = 0) cannot
+    recover z from y: those few are recomputed from x (nothing is recomputed otherwise)."""
+    ones = g.new_ones(g.shape[0])
+    gk = ones @ torch.mul(g, kept, out=buf)            # Σ_n g·z (saved z) or Σ_n g·y, (d_out,)
+    if saved_z:
+        return gk * inv_norm
+    if bias is not None:
+        gk = gk - (ones @ g) * bias                    # Σ_n g·(y − b)
+    zero = col_scale == 0
+    gz = gk / torch.where(zero, torch.ones_like(col_scale), col_scale)
+    if bool(zero.any()):                               # z of those columns from x, exactly
+        idx = zero.nonzero().squeeze(1)
+        z_cols = F.linear(x2, weight.index_select(0, idx)).addmm_(u, lora_B.index_select(0, idx).t())
+        gz = gz.index_copy(0, idx, ones @ (g.index_select(1, idx) * z_cols))
+    return gz * inv_norm
+
+
+# Per member of a sibling group: weight (d_out, d_in), bias, lora_A (r, d_in), lora_B (d_out, r), magnitude and
+# inv_norm (DoRA's m and 1/‖W + sBA‖_row; None for LoRA).
+_SLOTS = 6
+
+
+class _LowRankGroup(torch.autograd.Function):
+    """Sibling layers that read one input x (attention's q/k/v, the MLP's gate/up) as one autograd node:
+    y_i = c_i ⊙ (W_i x + s_i·B_i A_i x) + b_i, with c_i = 1 for LoRA members and m_i/‖W_i + s_iB_iA_i‖ for DoRA.
+
+    Why: with r = 16 each thin (N, d)×(d, r) product runs at ~60% of a big GEMM's speed on CPU, and a layer
+    alone needs six of them. Stacked, x·[A_1; …; A_k]ᵀ is one product in forward, and in backward
+    Σ_i (g_i B_i)·A_i and the stacked A's gradient are one product each; every input-gradient term accumulates
+    into one buffer instead of autograd adding k separate (N, d_in) gradients. Same math as k _LoraLinear /
+    _DoraLinear nodes (tests/test_siblings.py checks outputs and every gradient against them).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scales: tuple, *flat):
+        ctx.set_materialize_grads(False)                   # an output nobody used gets None, not a zero tensor
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        members = [flat[i:i + _SLOTS] for i in range(0, len(flat), _SLOTS)]
+        ranks = [m[2].shape[0] for m in members]
+        lora_A = torch.cat([m[2] for m in members])       # (Σr, d_in)
+        u = F.linear(x2, lora_A)                           # (N, d_in) -> (N, Σr): every member's x Aᵀ at once
+        us = u.split(ranks, 1)
+        outs, saved = [], []
+        for (weight, bias, _, lora_B, magnitude, inv_norm), u_i, s in zip(members, us, scales):
+            u_i.mul_(s)
+            if magnitude is None:
+                out, col_scale = _base_onto_lowrank(x2, weight, bias, u_i, lora_B), None
+            else:
+                col_scale = magnitude * inv_norm           # c, (d_out,)
+                out = _base_onto_lowrank(x2, weight, None, u_i, lora_B).mul_(col_scale)
+                if bias is not None:
+                    out.add_(bias)
+            outs.append(out.view(*shape[:-1], out.shape[-1]))
+            saved += [weight, bias, lora_B, col_scale, inv_norm, out if magnitude is not None else None]
+        ctx.save_for_backward(x2, u, lora_A, *saved)
+        ctx.scales, ctx.ranks, ctx.x_shape = scales, ranks, shape
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2, u, lora_A, *saved = ctx.saved_tensors
+        need = ctx.needs_input_grad                        # (x, scales, member 0's six slots, member 1's, ...)
+        us = u.split(ctx.ranks, 1)
+        flat_grads = [None] * (len(need) - 2)
+        grad_x, gbs = None, []
+        for i, (g, s, u_i) in enumerate(zip(grads, ctx.scales, us)):
+            weight, bias, lora_B, col_scale, inv_norm, kept = saved[i * _SLOTS:(i + 1) * _SLOTS]
+            slot = i * _SLOTS
+            if g is None:                                  # this member's output was not used
+                gbs.append(u.new_zeros(u.shape[0], ctx.ranks[i]))
+                continue
+            g = g.reshape(-1, g.shape[-1])
+            gs = g if col_scale is None else g * col_scale  # the gradient at z = W x + s·B A x, (N, d_out)
+            gbs.append((gs @ lora_B).mul_(s))              # (N, d_out) @ (d_out, r) -> (N, r)
+            if need[2 + slot + 3]:
+                flat_grads[slot + 3] = (u_i.t() @ gs).t()  # (r, N) @ (N, d_out)
+            if need[0]:                                    # Σ_i gs_i W_i, accumulated in one buffer
+                grad_x = torch.mm(gs, weight) if grad_x is None else grad_x.addmm_(gs, weight)
+            if bias is not None and need[2 + slot + 1]:
+                flat_grads[slot + 1] = g.sum(0)
+            if col_scale is not None and need[2 + slot + 4]:
+                buf = gs if gs is not g else torch.empty_like(g)
+                flat_grads[slot + 4] = _dora_magnitude_grad(g, buf, kept, False, col_scale, inv_norm, bias, x2,
+                                                            weight, u_i, lora_B)
+        gb = torch.cat(gbs, 1)                             # (N, Σr)
+        if grad_x is not None:
+            grad_x = grad_x.addmm_(gb, lora_A).view(ctx.x_shape)  # + Σ_i gb_i A_i as one (N, Σr) @ (Σr, d_in)
+        if any(need[2 + i * _SLOTS + 2] for i in range(len(ctx.ranks))):
+            for i, grad_A in enumerate((gb.t() @ x2).split(ctx.ranks, 0)):  # (Σr, N) @ (N, d_in)
+                flat_grads[i * _SLOTS + 2] = grad_A
+        return (grad_x, None, *flat_grads)
+
+
+def lowrank_group(x: torch.Tensor, members: list[tuple]) -> tuple[torch.Tensor, ...]:
+    """Outputs of sibling layers reading x; members are (weight, bias, lora_A, lora_B, scale, magnitude,
+    inv_norm) with magnitude/inv_norm None for LoRA. The training path of core.siblings."""
+    scales = tuple(float(m[4]) for m in members)
+    flat = [t for m in members for t in (m[0], m[1], m[2], m[3], m[5], m[6])]
+    return _LowRankGroup.apply(x, scales, *flat)
 
 
 def fused_ok(x: torch.Tensor, *tensors: torch.Tensor) -> bool:

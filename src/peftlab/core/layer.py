@@ -27,6 +27,12 @@ class Adapter(nn.Module):
     # buffers that are derived at init and must not be saved (e.g. cached norms)
     unsaved: tuple[str, ...] = ()
 
+    def group_operands(self, x: torch.Tensor, base_layer: nn.Module, probe: bool = False) -> Optional[tuple]:
+        """(weight, bias, lora_A, lora_B, scale, magnitude, inv_norm) when this adapter can train inside a group of
+        sibling layers right now (core/siblings.py), else None (the default: only low-rank adapters can). With
+        probe=True only the answer's None-ness matters, so nothing costly need be computed."""
+        return None
+
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no delta weight")
 
@@ -90,6 +96,8 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
         # Set by PeftModel for a mixed batch: [(adapter_name or None, row index tensor), ...]
         self.batch_groups: Optional[list[tuple[Optional[str], torch.Tensor]]] = None
+        # Set by PeftModel: the core.siblings.SiblingFusion that groups layers reading the same input
+        self.siblings = None
 
     def __getattr__(self, name: str):
         try:
@@ -139,6 +147,12 @@ class AdaptedLayer(nn.Module):
             result = self.base_layer(x, *args, **kwargs)
         return adapter(x, self.base_layer, result)
 
+    def group_operands(self, x: torch.Tensor, probe: bool = False) -> Optional[tuple]:
+        """The fused-kernel operands of the one active adapter, if this layer can join a sibling group now."""
+        if self.disabled or self.merged or self.batch_groups is not None or len(self.active) != 1:
+            return None
+        return self.adapters[self.active[0]].group_operands(x, self.base_layer, probe)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled:
             if self.merged:
@@ -146,6 +160,10 @@ class AdaptedLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if self.batch_groups is not None:
             return self._forward_groups(x, args, kwargs)
+        if self.siblings is not None and not args and not kwargs:
+            out = self.siblings.forward(self, x)
+            if out is not None:
+                return out
         result = None
         for name in self.active:
             if name not in self.merged:

@@ -18,6 +18,7 @@ from .config import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, PeftConfig
 from .io import load_tensors, save_tensors
 from .layer import ModulesToSave
 from .registry import get_tuner
+from .siblings import SiblingFusion
 from .tuner import ABSOLUTE_KEY, Tuner, adapted_layers, set_submodule
 from ..hf.defaults import SEQ_CLS_HEAD_NAMES
 
@@ -56,6 +57,7 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default"):
         super().__init__()
         self.base_model = AdaptedModel(model)
+        self.siblings = SiblingFusion()  # layers reading one input train as one node (core/siblings.py)
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
         for p in model.parameters():
@@ -160,6 +162,7 @@ class PeftModel(nn.Module):
     def _refresh(self) -> None:
         """Apply the active set to every layer and set requires_grad: only the active adapters train."""
         model = self.model
+        self.siblings.reset()
         for tuner in {id(get_tuner(c.peft_type)): get_tuner(c.peft_type) for c in self.peft_config.values()}.values():
             tuner.set_active(model, self._active)
         for _, wrapper in self._modules_to_save():
@@ -267,8 +270,12 @@ class PeftModel(nn.Module):
         args, kwargs = self._inputs_as_keywords(args, kwargs)
         for name, cfg, tuner in self._active_tuners():
             kwargs = tuner.prepare_inputs(self.model, name, cfg, kwargs, generate=False)
-        with self._mixed_batch(adapter_names):
-            out = self.model(*args, **kwargs)
+        self.siblings.begin(self.model)
+        try:
+            with self._mixed_batch(adapter_names):
+                out = self.model(*args, **kwargs)
+        finally:
+            self.siblings.end()
         if self.training and getattr(out, "loss", None) is not None:
             for name, cfg, tuner in self._active_tuners():
                 extra = tuner.aux_loss(self.model, name, cfg)

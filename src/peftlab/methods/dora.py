@@ -78,6 +78,18 @@ class DoraLinear(LoraLinear):
             self._peft_norm_key = key
         return self._peft_norm
 
+    joins_sibling_groups = True
+
+    def group_operands(self, x: torch.Tensor, base_layer: nn.Module, probe: bool = False) -> Optional[tuple]:
+        # the fused kernels serve training only; outside it DoRA uses HF PEFT's cached norm (see forward)
+        if not self.training or not fused_ok(x, self.magnitude):
+            return None
+        ops = super().group_operands(x, base_layer, probe)
+        if ops is None or probe:
+            return ops
+        inv_norm = (1.0 / self.weight_norm(base_layer)).to(x.dtype)
+        return (*ops[:5], self.magnitude, inv_norm)
+
     def lowrank_factors(self, base_layer: nn.Module):
         """(A, B, s, c): the output is c ⊙ (base(x) − b + s·B A x) + b with c = m/‖W + sBA‖ (core/mixed.py)."""
         if self._dropout_active():

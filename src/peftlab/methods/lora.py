@@ -135,6 +135,22 @@ class LoraLinear(Adapter):
         """(A, B, s, None): the output is base(x) + s·B A x; used by mixed-adapter batches (core/mixed.py)."""
         return None if self._dropout_active() else (self.lora_A, self.lora_B, self.scale, None)
 
+    # Subclasses that compute something else (LoRA-FA, LoRA-dropout) must not inherit the fused group kernel:
+    # only a class that sets this itself joins sibling groups (core/siblings.py).
+    joins_sibling_groups = True
+
+    def group_operands(self, x: torch.Tensor, base_layer: nn.Module, probe: bool = False) -> Optional[tuple]:
+        if type(self).__dict__.get("joins_sibling_groups") is not True:
+            return None
+        w = self.base_weight(base_layer)
+        if (self._dropout_active() or w.requires_grad or not (self.training or not peft_order())
+                or not fused_ok(x, w, self.lora_A)):
+            return None
+        if not (x.requires_grad or any(p.requires_grad for p in self.parameters())
+                or (base_layer.bias is not None and base_layer.bias.requires_grad)):
+            return None  # nothing to differentiate: the inference kernel is faster
+        return w, base_layer.bias, self.lora_A, self.lora_B, self.scale, None, None
+
     def forward(self, x: torch.Tensor, base_layer: nn.Module, result: Optional[torch.Tensor]) -> torch.Tensor:
         if result is None:
             w = self.base_weight(base_layer)

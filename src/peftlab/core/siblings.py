@@ -1,0 +1,94 @@
+"""Sibling fusion: adapted layers that read the same input tensor (q/k/v, gate/up) train as one autograd node.
+
+Which layers are siblings is learned, not assumed: during one training forward the layers record the input
+tensor each was called with, and consecutive calls on the very same tensor form a group. From the next
+forward on, the group's first layer (the leader) computes every member's output in one call of
+`functional.lowrank_group` and leaves the others' outputs waiting; each follower takes its output only if it
+is called with that same tensor, unmodified (identity and version checked), and otherwise computes its own.
+So a wrong guess costs time, never correctness.
+
+The plan changes only when a forward of the PeftModel begins, never inside one, so a gradient-checkpointing
+recomputation (which re-runs layers during backward) makes the same choices as the forward it repeats.
+Only the autograd path is fused; inference, torch.compile, mixed-adapter batches, merged or several active
+adapters all take the ordinary per-layer path.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional
+
+import torch
+
+from .functional import lowrank_group
+
+
+class SiblingFusion:
+    def __init__(self) -> None:
+        self.followers: dict = {}                  # leader AdaptedLayer -> [follower AdaptedLayer, ...]
+        self._relearn = True                       # the next forward records which layers share an input
+        self._recorded: Optional[list[list]] = None  # groups seen by the recording forward, committed next
+        self._recording = False                    # only inside that forward, not in a recomputation after it
+        self._last = None                          # (x, x._version) of the last recorded call
+        self._waiting: dict = {}                   # follower -> (x, x._version, output computed by the leader)
+
+    def reset(self) -> None:
+        """Adapters or layers changed: forget the groups and learn them again in the next forward."""
+        self.followers, self._relearn = {}, True
+
+    def begin(self, model: torch.nn.Module) -> None:
+        """Called when a PeftModel forward starts: commit what the previous forward recorded, maybe record anew."""
+        if torch.compiler.is_compiling():
+            return
+        self._waiting.clear()
+        if self._recorded is not None:
+            self._commit(self._recorded)
+        if self._relearn:
+            from .tuner import adapted_layers
+            for _, layer in adapted_layers(model):
+                layer.siblings = self
+            self.followers, self._relearn, self._recorded, self._recording = {}, False, [], True
+
+    def end(self) -> None:
+        if torch.compiler.is_compiling():
+            return
+        self._waiting.clear()                      # outputs no follower asked for: release their graphs
+        self._recording, self._last = False, None
+
+    def _commit(self, groups: list[list]) -> None:
+        self._recorded = None
+        counts = Counter(id(layer) for g in groups for layer in g)
+        # a layer seen in two groups (shared weights called twice) or twice in one group is left unfused
+        self.followers = {g[0]: g[1:] for g in groups if len(g) > 1 and all(counts[id(m)] == 1 for m in g)}
+
+    def forward(self, layer, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """`layer`'s output for x through its group, or None: the caller computes it the ordinary way."""
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        if self._waiting:
+            hit = self._waiting.pop(layer, None)
+            if hit is not None:
+                if hit[0] is x and hit[1] == x._version:
+                    return hit[2]
+                self._relearn = True               # called on another input than its leader's: learn again
+        if self._recording:
+            self._record(layer, x)
+            return None
+        followers = self.followers.get(layer)
+        if not followers:
+            return None
+        members = [layer.group_operands(x)] + [f.group_operands(x) for f in followers]
+        if any(m is None for m in members):
+            return None
+        outs = lowrank_group(x, members)
+        for follower, out in zip(followers, outs[1:]):
+            self._waiting[follower] = (x, x._version, out)
+        return outs[0]
+
+    def _record(self, layer, x: torch.Tensor) -> None:
+        if layer.group_operands(x, probe=True) is None:
+            return
+        if self._last is not None and self._last[0] is x and self._last[1] == x._version:
+            self._recorded[-1].append(layer)
+        else:
+            self._recorded.append([layer])
+        self._last = (x, x._version)
