@@ -9,6 +9,7 @@ Run: .venv/bin/python benchmarks/scaling.py [--layers 8] [--rounds 5]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -20,9 +21,13 @@ import torch  # noqa: E402
 
 def body_step(model, ids, grad):
     body = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+    # calling the inner model bypasses PeftModel.forward, so bracket the pass for sibling fusion here
+    fusion = model.siblings.forward_pass if hasattr(model, "siblings") else lambda _: contextlib.nullcontext()
 
     def step():
-        body(input_ids=ids).last_hidden_state.backward(grad)
+        with fusion(body):
+            out = body(input_ids=ids).last_hidden_state
+        out.backward(grad)
         for p in model.parameters():
             p.grad = None
     return step

@@ -270,12 +270,8 @@ class PeftModel(nn.Module):
         args, kwargs = self._inputs_as_keywords(args, kwargs)
         for name, cfg, tuner in self._active_tuners():
             kwargs = tuner.prepare_inputs(self.model, name, cfg, kwargs, generate=False)
-        self.siblings.begin(self.model)
-        try:
-            with self._mixed_batch(adapter_names):
-                out = self.model(*args, **kwargs)
-        finally:
-            self.siblings.end()
+        with self.siblings.forward_pass(self.model), self._mixed_batch(adapter_names):
+            out = self.model(*args, **kwargs)
         if self.training and getattr(out, "loss", None) is not None:
             for name, cfg, tuner in self._active_tuners():
                 extra = tuner.aux_loss(self.model, name, cfg)

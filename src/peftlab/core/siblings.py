@@ -7,15 +7,17 @@ forward on, the group's first layer (the leader) computes every member's output 
 is called with that same tensor, unmodified (identity and version checked), and otherwise computes its own.
 So a wrong guess costs time, never correctness.
 
-The plan changes only when a forward of the PeftModel begins, never inside one, so a gradient-checkpointing
-recomputation (which re-runs layers during backward) makes the same choices as the forward it repeats.
+The plan changes only when a forward of the PeftModel begins (or a `forward_pass()` block, for code that calls
+the inner model directly), never inside one, so a gradient-checkpointing recomputation (which re-runs layers
+during backward) makes the same choices as the forward it repeats.
 Only the autograd path is fused; inference, torch.compile, mixed-adapter batches, merged or several active
 adapters all take the ordinary per-layer path.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -47,6 +49,16 @@ class SiblingFusion:
             for _, layer in adapted_layers(model):
                 layer.siblings = self
             self.followers, self._relearn, self._recorded, self._recording = {}, False, [], True
+
+    @contextlib.contextmanager
+    def forward_pass(self, model: torch.nn.Module) -> Iterator[None]:
+        """Brackets one forward of `model` (what PeftModel.forward does); for code that calls the inner
+        Transformers model directly, which otherwise never fuses."""
+        self.begin(model)
+        try:
+            yield
+        finally:
+            self.end()
 
     def end(self) -> None:
         if torch.compiler.is_compiling():
