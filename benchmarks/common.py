@@ -14,6 +14,7 @@ import os
 # neighbour, which makes process_time() wander by 2×; passive waiting counts only the work itself.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import contextlib
 import copy
 import statistics
 import sys
@@ -58,6 +59,31 @@ def shared_copy(model):
 def input_grad_hook(model) -> None:
     """Make the embedding output require grad, so every layer computes its input gradient (frozen-base limit)."""
     model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+
+
+def frozen_copy(base):
+    """The frozen-base reference: `base`'s weights, nothing trainable, input gradients on from the embeddings."""
+    frozen = shared_copy(base)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    input_grad_hook(frozen)
+    return frozen
+
+
+def body_step(model, ids, grad) -> Callable[[], None]:
+    """A step of the decoder stack alone (no LM head, no loss): forward, then backward of a fixed output gradient."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = inner.model
+    # calling the inner model bypasses PeftModel.forward, so bracket the pass for sibling fusion here
+    fusion = model.siblings.forward_pass if hasattr(model, "siblings") else lambda _: contextlib.nullcontext()
+
+    def step():
+        with fusion(body):
+            out = body(input_ids=ids).last_hidden_state
+        out.backward(grad)
+        for p in model.parameters():
+            p.grad = None
+    return step
 
 
 def randomize(model, seed: int = 0, std: float = 0.02) -> None:

@@ -9,36 +9,13 @@ Run: .venv/bin/python benchmarks/scaling.py [--layers 8] [--rounds 5]
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import (base_model, env_line, input_grad_hook, interleaved, make_adapted, setup_torch,  # noqa: E402
-                    shared_copy, token_batch)
+from common import (base_model, body_step, env_line, frozen_copy, input_grad_hook, interleaved,  # noqa: E402
+                    make_adapted, setup_torch, token_batch)
 import torch  # noqa: E402
-
-
-def body_step(model, ids, grad):
-    body = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
-    # calling the inner model bypasses PeftModel.forward, so bracket the pass for sibling fusion here
-    fusion = model.siblings.forward_pass if hasattr(model, "siblings") else lambda _: contextlib.nullcontext()
-
-    def step():
-        with fusion(body):
-            out = body(input_ids=ids).last_hidden_state
-        out.backward(grad)
-        for p in model.parameters():
-            p.grad = None
-    return step
-
-
-def frozen_of(base):
-    frozen = shared_copy(base)
-    for p in frozen.parameters():
-        p.requires_grad_(False)
-    input_grad_hook(frozen)
-    return frozen
 
 
 def lora_of(base, r):
@@ -63,7 +40,7 @@ def main() -> None:
 
     ids = token_batch(args.batch, 128, labels=False)["input_ids"]
     grad = torch.randn(args.batch, 128, d)
-    frozen = frozen_of(base)
+    frozen = frozen_copy(base)
     modes = {"frozen": body_step(frozen, ids, grad)}
     for r in map(int, args.ranks.split(",")):
         modes[f"r={r}"] = body_step(lora_of(base, r), ids, grad)

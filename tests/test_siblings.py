@@ -246,3 +246,26 @@ def test_changing_adapters_forgets_the_groups():
     for _ in range(2):
         model(**batch).logits.sum().backward()
     assert _group_names(model) == [("q_proj", "v_proj")] * 2
+
+
+def test_an_inference_pass_first_does_not_stop_the_learning():
+    # e.g. a zero-shot evaluation before training: nothing to group there, so the first training forward learns
+    model = peftlab.get_peft_model(tiny_llama(), peftlab.LoraConfig(r=4, target_modules="all-linear"))
+    batch = token_batch()
+    with torch.no_grad():
+        model(**batch)
+    model.train()
+    for _ in range(2):
+        model(**batch).logits.sum().backward()
+    assert len(model.siblings.followers) == 4
+
+
+def test_plain_path_flag_is_respected():
+    # an adapter told not to fuse the base (fuses_base=False, HF PEFT's formulation) never joins a group
+    model = peftlab.get_peft_model(tiny_llama(), peftlab.LoraConfig(r=4, target_modules="all-linear"))
+    for _, layer in adapted_layers(model):
+        layer.adapters["default"].fuses_base = False
+    model.train()
+    for _ in range(2):
+        model(**token_batch()).logits.sum().backward()
+    assert model.siblings.followers == {}

@@ -151,7 +151,8 @@ class AdaptedLayer(nn.Module):
         """The fused-kernel operands of the one active adapter, if this layer can join a sibling group now."""
         if self.disabled or self.merged or self.batch_groups is not None or len(self.active) != 1:
             return None
-        return self.adapters[self.active[0]].group_operands(x, self.base_layer, probe)
+        adapter = self.adapters[self.active[0]]
+        return adapter.group_operands(x, self.base_layer, probe) if adapter.fuses_base else None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled:

@@ -28,6 +28,7 @@ class SiblingFusion:
     def __init__(self) -> None:
         self.followers: dict = {}                  # leader AdaptedLayer -> [follower AdaptedLayer, ...]
         self._relearn = True                       # the next forward records which layers share an input
+        self._attached = False                     # every adapted layer of the model points here
         self._recorded: Optional[list[list]] = None  # groups seen by the recording forward, committed next
         self._recording = False                    # only inside that forward, not in a recomputation after it
         self._last = None                          # (x, x._version) of the last recorded call
@@ -35,19 +36,24 @@ class SiblingFusion:
 
     def reset(self) -> None:
         """Adapters or layers changed: forget the groups and learn them again in the next forward."""
-        self.followers, self._relearn = {}, True
+        self.followers, self._relearn, self._attached = {}, True, False
 
     def begin(self, model: torch.nn.Module) -> None:
         """Called when a PeftModel forward starts: commit what the previous forward recorded, maybe record anew."""
         if torch.compiler.is_compiling():
             return
         self._waiting.clear()
-        if self._recorded is not None:
+        if self._recorded:
             self._commit(self._recorded)
+        elif self._recorded is not None:           # that forward fused nothing it could see (an inference pass)
+            self._relearn = True
+        self._recorded = None
         if self._relearn:
-            from .tuner import adapted_layers
-            for _, layer in adapted_layers(model):
-                layer.siblings = self
+            if not self._attached:
+                from .tuner import adapted_layers
+                for _, layer in adapted_layers(model):
+                    layer.siblings = self
+                self._attached = True
             self.followers, self._relearn, self._recorded, self._recording = {}, False, [], True
 
     @contextlib.contextmanager
@@ -67,7 +73,6 @@ class SiblingFusion:
         self._recording, self._last = False, None
 
     def _commit(self, groups: list[list]) -> None:
-        self._recorded = None
         counts = Counter(id(layer) for g in groups for layer in g)
         # a layer seen in two groups (shared weights called twice) or twice in one group is left unfused
         self.followers = {g[0]: g[1:] for g in groups if len(g) > 1 and all(counts[id(m)] == 1 for m in g)}

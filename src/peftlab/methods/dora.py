@@ -45,18 +45,24 @@ class DoraLinear(LoraLinear):
         return self.weight_sq_norm
 
     @torch.no_grad()
-    def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
-        """‖W + sBA‖ per output row, from r×r and d_out×r products only.
+    def merged_sq_norm(self, base_layer: nn.Module) -> torch.Tensor:
+        """‖W + sBA‖² per output row (float64), from r×r and d_out×r products only:
+        ‖W_i + sB_iA‖² = ‖W_i‖² + B_i·(2s·A W_iᵀ + s²·(A Aᵀ) B_iᵀ).
 
-        In float64: the three terms nearly cancel when sBA is small against W, and fp32 would lose the
-        digits that HF PEFT's direct norm keeps. The products are d_out×d_in×r flops, ~r/N of the layer."""
+        In float64: the terms can nearly cancel (W + sBA far smaller than W), and fp32 would then lose the
+        digits that HF PEFT's direct norm keeps. The one large product, W Aᵀ (d_out×d_in×r flops, ~r/N of the
+        layer), runs in the adapter's precision (no float64 copy of W); its rounding error is relative to the
+        cross term, not to ‖W‖². Few ops on purpose: each costs ~10 µs of dispatch, on every layer every step."""
         w = self.base_weight(base_layer)
-        A, B, s = self.lora_A.double(), self.lora_B.double(), self.scale
-        # W Aᵀ in the adapter's precision (no float64 copy of W, the one large operand); the small d_out×r result
-        # and everything after it in float64. Its rounding error is relative to the cross term, not to ‖W‖².
-        wa = (w.to(self.lora_A.dtype) @ self.lora_A.t()).double()   # (d_out, d_in) @ (d_in, r)
-        sq = self._weight_sq_norm(w) + 2 * s * (B * wa).sum(1) + s * s * ((B @ (A @ A.t())) * B).sum(1)
-        return sq.clamp_min(0).sqrt().to(self.magnitude.dtype)
+        A, s = self.lora_A.double(), self.scale
+        B = self.lora_B.double()
+        wa = (w.to(self.lora_A.dtype) @ self.lora_A.t()).double()            # (d_out, d_in) @ (d_in, r)
+        inner = torch.addmm(wa, B, A @ A.t(), beta=2 * s, alpha=s * s)      # (d_out, r)
+        return (B * inner).sum(1).add_(self._weight_sq_norm(w)).clamp_min_(0)
+
+    def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
+        """‖W + sBA‖ per output row, in the magnitude's dtype."""
+        return self.merged_sq_norm(base_layer).sqrt_().to(self.magnitude.dtype)
 
     @torch.no_grad()
     def peft_weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
@@ -87,7 +93,7 @@ class DoraLinear(LoraLinear):
         ops = super().group_operands(x, base_layer, probe)
         if ops is None or probe:
             return ops
-        inv_norm = (1.0 / self.weight_norm(base_layer)).to(x.dtype)
+        inv_norm = self.merged_sq_norm(base_layer).rsqrt_().to(x.dtype)
         return (*ops[:5], self.magnitude, inv_norm)
 
     def lowrank_factors(self, base_layer: nn.Module):
