@@ -169,9 +169,11 @@ class _TwoHeads(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.a, self.b = nn.Linear(8, 6), nn.Linear(8, 5)
-        self.shift = False
+        self.shift = self.skip_b = False
 
     def forward(self, x):
+        if self.skip_b:
+            return self.a(x)
         return torch.cat([self.a(x), self.b(x + 1.0 if self.shift else x)], -1)
 
 
@@ -190,6 +192,18 @@ def test_follower_called_with_another_input_computes_its_own_output():
     expected = model(x)
     assert model.siblings.followers == {}        # ... on the plain per-layer path
     _close(got, expected, "output after a wrong guess")
+
+
+def test_follower_not_called_releases_its_output_and_relearns():
+    model = peftlab.get_peft_model(_TwoHeads(), peftlab.LoraConfig(r=2, target_modules=["a", "b"]))
+    model.train()
+    x = torch.randn(4, 8)
+    for _ in range(2):
+        model(x).sum().backward()
+    assert len(model.siblings.followers) == 1
+    model.get_base_model().skip_b = True
+    model(x).sum().backward()                    # the leader computed b's output too; nobody took it
+    assert model.siblings._relearn and not model.siblings._waiting
 
 
 def test_gradient_checkpointing_recomputes_the_same_groups():

@@ -214,9 +214,8 @@ class _LowRankGroup(torch.autograd.Function):
                 grad_x = torch.mm(gs, weight) if grad_x is None else grad_x.addmm_(gs, weight)
             if bias is not None and need[2 + slot + 1]:
                 flat_grads[slot + 1] = g.sum(0)
-            if col_scale is not None and need[2 + slot + 4]:
-                buf = gs if gs is not g else torch.empty_like(g)
-                flat_grads[slot + 4] = _dora_magnitude_grad(g, buf, kept, False, col_scale, inv_norm, bias, x2,
+            if col_scale is not None and need[2 + slot + 4]:  # gs (its own tensor for DoRA) is spent: reuse it
+                flat_grads[slot + 4] = _dora_magnitude_grad(g, gs, kept, False, col_scale, inv_norm, bias, x2,
                                                             weight, u_i, lora_B)
         gb = torch.cat(gbs, 1)                             # (N, Σr)
         if grad_x is not None:

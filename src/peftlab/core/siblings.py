@@ -69,7 +69,9 @@ class SiblingFusion:
     def end(self) -> None:
         if torch.compiler.is_compiling():
             return
-        self._waiting.clear()                      # outputs no follower asked for: release their graphs
+        if self._waiting:                          # a follower was not called: the plan no longer fits the model
+            self._relearn = True
+            self._waiting.clear()                  # release the graphs of outputs nobody asked for
         self._recording, self._last = False, None
 
     def _commit(self, groups: list[list]) -> None:
