@@ -137,7 +137,8 @@ def interleaved(modes: dict[str, Callable[[], None]], reference: str, rounds: in
     A step's ratio is its time over the geometric mean of the two reference steps beside it. Why: this VM's
     speed wanders from one step to the next (neighbours' load on the shared cache and memory), and with a single
     reference step per round every mode's ratio in that round moved together with that one step's luck; the
-    bracketing references are seconds away from the step they judge, and two of them halve that noise.
+    bracketing references are seconds away from the step they judge, and averaging two halves the variance the
+    reference adds to each ratio.
     Returns {mode: {"ratio": median step ratio, "sec": median seconds, "ratios": [...], "min_ratio": ratio of
     the fastest steps, "iqr": (25th, 75th percentile of the ratios)}}.
     """
