@@ -135,6 +135,10 @@ class LoraLinear(Adapter):
         """(A, B, s, None): the output is base(x) + s·B A x; used by mixed-adapter batches (core/mixed.py)."""
         return None if self._dropout_active() else (self.lora_A, self.lora_B, self.scale, None)
 
+    def _takes_fused_kernel(self, x: torch.Tensor, w: torch.Tensor) -> bool:
+        """Whether this layer runs core.functional's fused kernels (alone or in a sibling group) for x."""
+        return (self.training or not peft_order()) and not self._dropout_active() and fused_ok(x, w, self.lora_A)
+
     # Subclasses that compute something else (LoRA-FA, LoRA-dropout) must not inherit the fused group kernel:
     # only a class that sets this itself joins sibling groups (core/siblings.py).
     joins_sibling_groups = True
@@ -143,8 +147,7 @@ class LoraLinear(Adapter):
         if type(self).__dict__.get("joins_sibling_groups") is not True:
             return None
         w = self.base_weight(base_layer)
-        if (self._dropout_active() or w.requires_grad or not (self.training or not peft_order())
-                or not fused_ok(x, w, self.lora_A)):
+        if w.requires_grad or not self._takes_fused_kernel(x, w):
             return None
         if not (x.requires_grad or any(p.requires_grad for p in self.parameters())
                 or (base_layer.bias is not None and base_layer.bias.requires_grad)):
@@ -156,7 +159,7 @@ class LoraLinear(Adapter):
             w = self.base_weight(base_layer)
             # The fused kernels by default (training and inference); `peftlab.hf_peft_numerics()` outside
             # training sums in HF PEFT's order instead, for outputs bit-identical to a PEFT-loaded adapter.
-            if (self.training or not peft_order()) and not self._dropout_active() and fused_ok(x, w, self.lora_A):
+            if self._takes_fused_kernel(x, w):
                 return lora_linear(x, w, base_layer.bias, self.lora_A, self.lora_B, self.scale)
             result = base_layer(x)
         # The unfused path, with HF PEFT's numerics: x cast to the adapter dtype, the sum back to the output's.
