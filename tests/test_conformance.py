@@ -1,11 +1,15 @@
 """The conformance matrix: every registered method runs through the same checks on a tiny LLaMA.
 
-A method joins by registering itself. Methods that need more than `get_peft_model(model, config)` to be
-built (calibration data, a Fisher mask) declare it in BUILDERS below.
+A method joins by registering itself. Its config is built from the registry with the method's own defaults
+and declarations: a method that takes the run's length (`MethodInfo.run_length_field`) gets a short one, and a
+method that looks at data first (`config.calibration_data`) is prepared on a few token batches. SMALL_MODEL
+below holds the settings a 32-dim toy model needs where a method's defaults are sized for real models.
 """
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 
 import pytest
 import torch
@@ -15,9 +19,19 @@ from conftest import perturb_trainable, tiny_llama, token_batch
 
 ALL = sorted(m.name for m in peftlab.list_methods())
 
-# Small-model overrides: defaults sized for real models can exceed a 32-dim toy (e.g. VeRA's r=256 is fine,
-# but prefix lengths etc. are kept small so the matrix stays fast).
-OVERRIDES: dict[str, dict] = {}
+
+def _corda_cached():
+    # A cache file, so a saved adapter can be loaded onto a fresh base without the calibration data.
+    from peftlab.methods.lora import CordaConfig
+    cache = os.path.join(tempfile.mkdtemp(prefix="peftlab-corda-"), "corda_cache.safetensors")
+    return dict(r=4, target_modules=["q_proj", "v_proj"], corda_config=CordaConfig(cache_file=cache))
+
+
+SMALL_MODEL = {
+    "bitfit": lambda: dict(add_bias=True),  # the tiny LLaMA has no biases: BitFit there means adding them
+    "fourierft": lambda: dict(n_frequency=64, init_weights=True),  # 1000 frequencies exceed its 16×32 layers
+    "corda": _corda_cached,
+}
 
 
 def build(name: str, seed: int = 0):
@@ -26,25 +40,17 @@ def build(name: str, seed: int = 0):
 
 def build_on(name: str, model):
     info = peftlab.get_method(name)
-    builder = BUILDERS.get(name)
-    if builder is not None:
-        return builder(model, info)
-    return peftlab.get_peft_model(model, info.make_config(**OVERRIDES.get(name, {})))
+    overrides = SMALL_MODEL.get(name, dict)()
+    if info.run_length_field is not None:
+        overrides.setdefault(info.run_length_field, 10)
+    cfg = info.make_config(**overrides)
+    if cfg.calibration_data is not None:
+        cfg.prepare(model, _calibration_batches())
+    return peftlab.get_peft_model(model, cfg)
 
 
 def _calibration_batches():
     return [token_batch(seed=s) for s in range(3)]
-
-
-def _build_with_data(model, info):
-    """Methods whose config takes calibration/task data through `peftlab.get_method(...).prepare` hooks."""
-    prepare = getattr(info.config_cls, "for_conformance", None)
-    cfg = prepare(model, _calibration_batches()) if prepare else info.make_config()
-    return peftlab.get_peft_model(model, cfg)
-
-
-BUILDERS = {name: _build_with_data for name in ALL
-            if hasattr(peftlab.get_method(name).config_cls, "for_conformance")}
 
 
 def _perturb(model, seed=0):

@@ -11,7 +11,7 @@ import torch
 
 import peftlab
 from conftest import tiny_gpt2, tiny_llama, token_batch
-from peftlab.methods.corda import CordaConfig, CordaLoraConfig, collect_covariance, preprocess_corda
+from peftlab.methods.lora.corda import CordaConfig, CordaLoraConfig, collect_covariance, preprocess_corda
 
 # HF PEFT 0.21's corda.py imports `dataclass` from the `attrs` package only for a 3-field record; the stdlib
 # dataclass is equivalent, and keeps the reference usable without adding attrs to the test dependencies.

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 import peftlab
 from conftest import tiny_llama, token_batch
-from peftlab.methods.lora_dropout import LoraDropoutLinear
-from peftlab.methods.lora_fa import LoraFaLinear
+from peftlab.methods.lora.dropout import LoraDropoutLinear
+from peftlab.methods.lora.fa import LoraFaLinear
 
 
 def _fa(d_in=12, d_out=7, r=3, scale=2.0, project=False, seed=0):

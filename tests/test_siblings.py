@@ -11,6 +11,7 @@ import torch.nn as nn
 import peftlab
 from conftest import randomize_adapters, tiny_llama, token_batch
 from peftlab.core.functional import _DoraLinear, _LoraLinear, lowrank_group
+from peftlab.core.lowrank import LowRankOperands
 from peftlab.core.tuner import adapted_layers
 
 ATOL, RTOL = 2e-5, 1e-5
@@ -62,7 +63,7 @@ def _grouped(x, members):
     ops = []
     for mem in members:
         inv = mem.get("inv", _inv_norm(mem) if mem["m"] is not None else None)
-        ops.append((mem["W"], mem["b"], mem["A"], mem["B"], mem["s"], mem["m"], inv))
+        ops.append(LowRankOperands(mem["W"], mem["b"], mem["A"], mem["B"], mem["s"], mem["m"], inv))
     return list(lowrank_group(x, ops))
 
 

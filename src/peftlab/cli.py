@@ -341,22 +341,22 @@ def method_config(o: dict, task_type: str, total_steps: int):
     fields = {f.name for f in dataclasses.fields(info.config_cls)}
     over: dict[str, Any] = {}
 
-    def put(flag: str, value, candidates):
+    def put(flag: str, value, field: Optional[str]):
         if value is None:
             return
-        name = next((c for c in candidates if c in fields), None)
-        if name is None:
+        if field is None:
             raise UsageError(f"--{flag}: method {info.name!r} has no such setting (its config fields: "
                              f"{', '.join(sorted(fields))})")
-        over[name] = value
+        over[field] = value
 
-    put("r", o.get("r"), ("init_r", "r", "rank"))
-    put("alpha", o.get("alpha"), ("lora_alpha", "alpha"))
-    put("dropout", o.get("dropout"), ("lora_dropout", "vera_dropout", "adapter_dropout", "dropout"))
+    put("r", o.get("r"), info.rank_field)
+    put("alpha", o.get("alpha"), info.alpha_field)
+    put("dropout", o.get("dropout"), info.dropout_field)
     tm = o.get("target_modules")
     if tm is not None:
         put("target-modules", tm if tm == "all-linear" or "," not in tm and any(c in tm for c in "*.[(|")
-            else [t.strip() for t in tm.split(",") if t.strip()], ("target_modules",))
+            else [t.strip() for t in tm.split(",") if t.strip()], "target_modules" if "target_modules" in fields
+            else None)
     for item in o.get("set") or []:
         key, sep, raw = str(item).partition("=")
         if not sep:
@@ -366,8 +366,9 @@ def method_config(o: dict, task_type: str, total_steps: int):
             raise UsageError(f"--set {key}: {info.config_cls.__name__} has no field {key!r}; fields: "
                              f"{', '.join(sorted(fields))}")
         over[key] = yaml.safe_load(raw)
-    if "total_step" in fields and over.get("total_step") is None and info.preset.get("total_step") is None:
-        over["total_step"] = total_steps  # schedules over the run's length (AdaLoRA's budget)
+    run_length = info.run_length_field
+    if run_length is not None and over.get(run_length) is None and info.preset.get(run_length) is None:
+        over[run_length] = total_steps  # schedules over the run's length (AdaLoRA's rank budget)
     try:
         return info, info.make_config(task_type=task_type, **over)
     except (TypeError, ValueError) as e:
@@ -415,9 +416,9 @@ def cmd_train(o: dict, out: Out) -> dict:
     total = tc.total_steps(len(train_ex))
     task_type = "SEQ_CLS" if job.kind == "classification" else "CAUSAL_LM"
     info, cfg = method_config(o, task_type, total)
-    if hasattr(cfg, "prepare"):  # data-driven methods (Child-tuning's Fisher mask, CorDA) look at data first
+    if cfg.calibration_data is not None:  # data-driven methods (Child-tuning's Fisher mask, CorDA) look first
         bs = tc.batch_size // tc.grad_accum
-        if getattr(cfg, "calibration_data", "task") == "knowledge":
+        if cfg.calibration_data == "knowledge":
             # CorDA KPM: the knowledge to keep is general English, not the task (never the probe's own passages)
             from .train.tasks import knowledge_texts
             cfg.prepare(model, knowledge_texts(), tokenizer=tok, batch_size=bs)
@@ -434,7 +435,7 @@ def cmd_train(o: dict, out: Out) -> dict:
     before_file = output / "before.json"
     if rank:  # evaluation and saving happen on rank 0; the other processes only train
         _barrier()
-        L.train(pm, train_ex, collate, tc, save_adapter=info.kind != "full")
+        L.train(pm, train_ex, collate, tc, save_adapter=info.saves == "adapter")
         return {}
     if o["resume"] and before_file.is_file():
         before = json.loads(before_file.read_text())  # measured on the untrained model by the first attempt
@@ -450,7 +451,7 @@ def cmd_train(o: dict, out: Out) -> dict:
     eval_ex = encode(job.kind if job.kind != "multiple-choice" else "generation", eval_records, tok, o,
                      job.labels)[0] if eval_records and job.kind != "multiple-choice" else None
     result = L.train(pm, train_ex, collate, tc, eval_examples=eval_ex,
-                     eval_fn=evaluate if o.get("eval_every") else None, save_adapter=info.kind != "full")
+                     eval_fn=evaluate if o.get("eval_every") else None, save_adapter=info.saves == "adapter")
     after = evaluate(pm)
     out.say(f"after training:  {_fmt(after)}" if eval_records else
             "after training:  no held-out data to evaluate on (give --eval-data FILE.jsonl)")
@@ -470,7 +471,7 @@ def cmd_train(o: dict, out: Out) -> dict:
         summary["forgetting"] = None
         if o["forgetting"]:
             out.say("forgetting:      not measured (a classification model has no language-modelling head)")
-    if info.kind == "full":  # the whole model changed: save it as a plain Transformers model
+    if info.saves == "model":  # the whole model changed (full fine-tuning): save a plain Transformers model
         target = output / "model"
         pm.merge_and_unload().save_pretrained(str(target))
         tok.save_pretrained(str(target))

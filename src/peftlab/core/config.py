@@ -17,6 +17,8 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 # The PEFT version whose file format we write; PEFT reads `peft_version` only to warn about newer files.
 PEFT_FORMAT_VERSION = "0.21.2"
 
+# Config fields that name modules; any config that has one gets the same normalisation.
+MODULE_LIST_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules")
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 
@@ -31,10 +33,28 @@ class PeftConfig:
     peft_version: Optional[str] = field(default=PEFT_FORMAT_VERSION)
 
     def __post_init__(self) -> None:
+        # Module-name lists may be given as sets or tuples (HF PEFT keeps sets); stored sorted, as JSON lists.
+        for name in MODULE_LIST_FIELDS:
+            value = getattr(self, name, None)
+            if isinstance(value, (set, frozenset, tuple)):
+                setattr(self, name, sorted(value))
         if self.task_type is not None:
             self.task_type = str(self.task_type).upper()
             if self.task_type not in TASK_TYPES:
                 raise ValueError(f"task_type {self.task_type!r} is not one of {', '.join(TASK_TYPES)}")
+
+    # -- declared capabilities: data-driven methods override both ---------------------------------------------
+    @property
+    def calibration_data(self) -> Optional[str]:
+        """Which data `prepare` must see before get_peft_model: None (none: the method needs no data), "task"
+        (batches of the training data: Child-tuning's Fisher mask, CorDA IPM) or "knowledge" (general text whose
+        knowledge the adapter should keep: CorDA KPM)."""
+        return None
+
+    def prepare(self, model, data: Any, **kwargs: Any) -> None:
+        """Look at calibration data before get_peft_model (see calibration_data)."""
+        raise TypeError(f"{type(self).__name__} ({self.peft_type}) needs no calibration data: its calibration_data is "
+                        f"None, so there is nothing to prepare; call get_peft_model directly")
 
     # -- serialisation ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

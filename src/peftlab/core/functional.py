@@ -10,10 +10,13 @@ Shapes: x (N, d_in), W (d_out, d_in), A (r, d_in), B (d_out, r), u (N, r).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .lowrank import LowRankOperands
 
 # A plain module global, not a thread-local: torch.compile reads (and guards on) globals without a graph break.
 _PEFT_ORDER = False
@@ -150,8 +153,8 @@ def _dora_magnitude_grad(g, buf, kept, saved_z: bool, col_scale, inv_norm, bias,
     return gz * inv_norm
 
 
-# Per member of a sibling group: weight (d_out, d_in), bias, lora_A (r, d_in), lora_B (d_out, r), magnitude and
-# inv_norm (DoRA's m and 1/‖W + sBA‖_row; None for LoRA).
+# Per member of a sibling group, from its LowRankOperands: weight (d_out, d_in), bias, lora_A (r, d_in),
+# lora_B (d_out, r), magnitude and inv_norm (DoRA's m and 1/‖W + sBA‖_row; None for LoRA).
 _SLOTS = 6
 
 
@@ -226,11 +229,11 @@ class _LowRankGroup(torch.autograd.Function):
         return (grad_x, None, *flat_grads)
 
 
-def lowrank_group(x: torch.Tensor, members: list[tuple]) -> tuple[torch.Tensor, ...]:
-    """Outputs of sibling layers reading x; members are (weight, bias, lora_A, lora_B, scale, magnitude,
-    inv_norm) with magnitude/inv_norm None for LoRA. The training path of core.siblings."""
-    scales = tuple(float(m[4]) for m in members)
-    flat = [t for m in members for t in (m[0], m[1], m[2], m[3], m[5], m[6])]
+def lowrank_group(x: torch.Tensor, members: "list[LowRankOperands]") -> tuple[torch.Tensor, ...]:
+    """Outputs of sibling layers reading x, one per member's operands (core/lowrank.py). The training path of
+    core.siblings."""
+    scales = tuple(float(m.scale) for m in members)
+    flat = [t for m in members for t in (m.weight, m.bias, m.lora_A, m.lora_B, m.magnitude, m.inv_norm)]
     return _LowRankGroup.apply(x, scales, *flat)
 
 

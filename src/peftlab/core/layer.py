@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .lowrank import LowRankOperands
+
 
 class Adapter(nn.Module):
     """One method's adapter on one layer.
@@ -27,11 +29,12 @@ class Adapter(nn.Module):
     # buffers that are derived at init and must not be saved (e.g. cached norms)
     unsaved: tuple[str, ...] = ()
 
-    def group_operands(self, x: torch.Tensor, base_layer: nn.Module, probe: bool = False) -> Optional[tuple]:
-        """(weight, bias, lora_A, lora_B, scale, magnitude, inv_norm) when this adapter can train inside a group of
-        sibling layers right now (core/siblings.py), else None (the default: only low-rank adapters can). With
-        probe=True only the answer's None-ness matters, so nothing costly need be computed."""
+    # -- the low-rank operand protocol (core/lowrank.py); the defaults say "no low-rank form" ---------------
+    def lowrank_operands(self, base_layer: nn.Module) -> Optional[LowRankOperands]:
         return None
+
+    def joins_sibling_group(self, x: torch.Tensor, base_layer: nn.Module) -> bool:
+        return False
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no delta weight")
@@ -147,12 +150,13 @@ class AdaptedLayer(nn.Module):
             result = self.base_layer(x, *args, **kwargs)
         return adapter(x, self.base_layer, result)
 
-    def group_operands(self, x: torch.Tensor, probe: bool = False) -> Optional[tuple]:
-        """The fused-kernel operands of the one active adapter, if this layer can join a sibling group now."""
+    def sibling_adapter(self, x: torch.Tensor) -> Optional[Adapter]:
+        """The one active adapter, if this layer's output for x can be computed in a sibling group now
+        (core/siblings.py): unmerged, enabled, no mixed batch, and the adapter says it may."""
         if self.disabled or self.merged or self.batch_groups is not None or len(self.active) != 1:
             return None
         adapter = self.adapters[self.active[0]]
-        return adapter.group_operands(x, self.base_layer, probe) if adapter.fuses_base else None
+        return adapter if adapter.fuses_base and adapter.joins_sibling_group(x, self.base_layer) else None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled:
@@ -174,7 +178,7 @@ class AdaptedLayer(nn.Module):
     def _forward_groups(self, x: torch.Tensor, args, kwargs) -> torch.Tensor:
         """Mixed batch (batch_groups: core.mixed.RowGroups): the base runs once on all rows, then every adapter
         on its own rows — all at once by batched matmuls for low-rank adapters, else once per adapter."""
-        from .mixed import forward_generic, forward_lowrank, lowrank_factors
+        from .mixed import forward_generic, forward_lowrank, lowrank_operands
         groups = self.batch_groups
         if self.merged:
             raise RuntimeError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
@@ -188,10 +192,10 @@ class AdaptedLayer(nn.Module):
             adapter = self.adapters[used[0]]
             return adapter(x, self.base_layer, None if adapter.fuses_base else self.base_layer(x))
         base = self.base_layer(x, *args, **kwargs)
-        factors = None if (args or kwargs or base.shape[:-1] != x.shape[:-1]) else \
-            lowrank_factors(self.adapters, groups, self.base_layer, x)
-        if factors is not None and x[0].numel() // x.shape[-1] >= max(f[0].shape[0] for f in factors.values()):
-            return forward_lowrank(x, base, getattr(self.base_layer, "bias", None), factors, groups)
+        operands = None if (args or kwargs or base.shape[:-1] != x.shape[:-1]) else \
+            lowrank_operands(self.adapters, groups, self.base_layer, x)
+        if operands is not None and x[0].numel() // x.shape[-1] >= max(op.rank for op in operands.values()):
+            return forward_lowrank(x, base, operands, groups)
         return forward_generic(self.adapters, self.base_layer, x, base, groups)
 
 

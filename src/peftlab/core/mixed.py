@@ -1,11 +1,11 @@
 """Mixed-adapter batches: rows grouped by adapter once per forward, then each layer adds every group's update.
 
-`group_rows` runs once per forward (PeftModel): adapter names -> a code per row, and per adapter its rows as a
-slice when they are contiguous (no copy needed) or else an index tensor. Each AdaptedLayer then takes one of
+`RowGroups` is built once per forward (PeftModel): adapter names -> a code per row, and per adapter its rows as
+a slice when they are contiguous (no copy needed) or else an index tensor. Each AdaptedLayer then takes one of
 two paths:
-- low-rank path, for adapters that describe themselves by `lowrank_factors(base_layer)` -> (A, B, s, c) with
-  output c ⊙ (base(x) − b + s·B A x) + b (LoRA: c = None; DoRA: c = m/‖W + sBA‖): the factors of the adapters
-  are stacked (zero factors for rows on the base model), gathered per row, and applied to all rows at once by
+- low-rank path, for adapters that implement the low-rank operand protocol (core/lowrank.py): output
+  c ⊙ (base(x) − b + s·B A x) + b (LoRA: c = 1; DoRA: c = m/‖W + sBA‖): the factors of the adapters are
+  stacked (zero factors for rows on the base model), gathered per row, and applied to all rows at once by
   two batched matmuls accumulated into the base output — no gather or scatter of activations, no per-row
   Python. Used when a row has at least r tokens (else gathering r×(d_in+d_out) weights per row costs more
   than gathering the row's activations, e.g. while decoding one token at a time).
@@ -74,22 +74,21 @@ def forward_generic(adapters, base_layer, x: torch.Tensor, base: torch.Tensor, g
     return base
 
 
-def lowrank_factors(adapters, groups: RowGroups, base_layer, x: torch.Tensor):
-    """{name: (A, B, s, c)} for the adapters of this batch, or None if one of them has no low-rank form now."""
+def lowrank_operands(adapters, groups: RowGroups, base_layer, x: torch.Tensor) -> Optional[dict]:
+    """{name: LowRankOperands} for the adapters of this batch, or None if one of them has no low-rank form now
+    (or holds it in another dtype than x)."""
     out = {}
     for name, _ in groups:
         if name is None or name not in adapters:
             continue
-        get = getattr(adapters[name], "lowrank_factors", None)
-        f = get(base_layer) if get is not None else None
-        if f is None or f[0].dtype != x.dtype:
+        ops = adapters[name].lowrank_operands(base_layer)
+        if ops is None or ops.lora_A.dtype != x.dtype:
             return None
-        out[name] = f
+        out[name] = ops
     return out
 
 
-def forward_lowrank(x: torch.Tensor, base: torch.Tensor, bias: Optional[torch.Tensor], factors: dict,
-                    groups: RowGroups) -> torch.Tensor:
+def forward_lowrank(x: torch.Tensor, base: torch.Tensor, operands: dict, groups: RowGroups) -> torch.Tensor:
     """out[i] = c_i ⊙ (base[i] − b + s_i·B_i A_i x[i]) + b, each row i with its own adapter's factors.
 
     Shapes: x (R, T, d_in) after flattening the middle dims, base (R, T, d_out); per adapter A (r, d_in),
@@ -97,12 +96,14 @@ def forward_lowrank(x: torch.Tensor, base: torch.Tensor, bias: Optional[torch.Te
     """
     R, d_in, d_out = x.shape[0], x.shape[-1], base.shape[-1]
     x3, base3 = x.reshape(R, -1, d_in), base.reshape(R, -1, d_out)
-    names = list(factors)
-    r_max = max(f[0].shape[0] for f in factors.values())
-    scaled = any(f[3] is not None for f in factors.values())
+    names = list(operands)
+    r_max = max(op.rank for op in operands.values())
+    scaled = any(op.magnitude is not None for op in operands.values())
+    bias = next(iter(operands.values())).bias                      # the one base layer's bias
     a_list, b_list, c_list = [], [], []
     for n in names:
-        A, B, s, c = factors[n]
+        op = operands[n]
+        A, B, s, c = op.lora_A, op.lora_B, op.scale, op.column_scale()
         pad = r_max - A.shape[0]
         a_list.append(F.pad(A * s, (0, 0, 0, pad)))                 # (r_max, d_in), scale folded in
         cB = B if c is None else B * c.unsqueeze(1)                 # column scale folded into B's rows
@@ -112,7 +113,7 @@ def forward_lowrank(x: torch.Tensor, base: torch.Tensor, bias: Optional[torch.Te
     b_list.append(x.new_zeros(d_out, r_max))
     c_list.append(base.new_ones(d_out))
     # slot of each adapter of the batch in the stacks; rows of adapters absent here use the zero slot
-    slot = torch.tensor([names.index(n) if n in factors else len(names) for n in groups.names],
+    slot = torch.tensor([names.index(n) if n in operands else len(names) for n in groups.names],
                         dtype=torch.long, device=x.device)
     row_slot = slot.index_select(0, groups.codes)                   # (R,)
     A_rows = torch.stack(a_list).index_select(0, row_slot)          # (R, r_max, d_in)

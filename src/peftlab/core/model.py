@@ -17,9 +17,9 @@ import torch.nn as nn
 from .config import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, PeftConfig
 from .io import load_tensors, save_tensors
 from .layer import ModulesToSave
-from .registry import get_tuner
+from .registry import get_tuner, registered_peft_types
 from .siblings import SiblingFusion
-from .tuner import ABSOLUTE_KEY, Tuner, adapted_layers, set_submodule
+from .tuner import ABSOLUTE_KEY, adapted_layers, set_submodule
 from ..hf.defaults import SEQ_CLS_HEAD_NAMES
 
 PREFIX = "base_model.model."
@@ -233,7 +233,7 @@ class PeftModel(nn.Module):
             raise ValueError(f"adapter_names has unknown adapters {unknown}; known: {list(self.peft_config)} "
                              f"(use '__base__' for rows that should use the base model)")
         rewriting = sorted(n for n in set(adapter_names) | set(self._active)
-                           if n in self.peft_config and _rewrites_inputs(self._tuner(n)))
+                           if n in self.peft_config and self._tuner(n).rewrites_inputs)
         if rewriting:
             raise ValueError(f"mixed-adapter batches (adapter_names=...) are not supported with {rewriting}: prompt "
                              f"and prefix methods change the inputs of the whole batch; run one adapter per batch")
@@ -256,9 +256,14 @@ class PeftModel(nn.Module):
         for name in self._active:
             yield name, self.peft_config[name], self._tuner(name)
 
+    @property
+    def rewrites_inputs(self) -> bool:
+        """Whether an active adapter rewrites the inputs of every forward (prompt and prefix methods)."""
+        return any(t.rewrites_inputs for _, _, t in self._active_tuners())
+
     def _inputs_as_keywords(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Tuners that rewrite the inputs (prompt methods) read input_ids from the keywords: move it there."""
-        if not any(_rewrites_inputs(t) for _, _, t in self._active_tuners()):
+        if not self.rewrites_inputs:
             return args, kwargs
         if "inputs" in kwargs and "input_ids" not in kwargs:  # generate(inputs=...)
             kwargs = {"input_ids": kwargs.pop("inputs"), **kwargs}
@@ -299,11 +304,14 @@ class PeftModel(nn.Module):
         if unknown or len(adapters) != len(weights) or not adapters:
             raise ValueError(f"add_weighted_adapter needs existing adapters and one weight each; unknown: {unknown}, "
                              f"{len(adapters)} adapters, {len(weights)} weights")
-        types = {self.peft_config[a].peft_type for a in adapters}
+        types = sorted({self.peft_config[a].peft_type for a in adapters})
+        if len(types) != 1:
+            raise ValueError(f"add_weighted_adapter combines adapters of one peft_type; got {types}")
         tuner = self._tuner(adapters[0])
-        if len(types) != 1 or not hasattr(tuner, "add_weighted_adapter"):
-            raise ValueError(f"add_weighted_adapter combines adapters of one method that supports it (LoRA); "
-                             f"got peft types {sorted(types)}")
+        if not tuner.supports_weighted_combination:
+            raise ValueError(f"add_weighted_adapter: {types[0]} adapters cannot be combined (only "
+                             f"{', '.join(_tuner_types(lambda t: t.supports_weighted_combination))} support weighted "
+                             f"combinations)")
         tuner.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
     # -- merging ----------------------------------------------------------------------------------------
@@ -398,6 +406,12 @@ class PeftModel(nn.Module):
             cfg = self.peft_config[name]
             tensors = self.adapter_state_dict(name)
             if path_initial_model_for_weight_conversion is not None:
+                if not self._tuner(name).converts_to_plain:
+                    raise ValueError(
+                        f"save_pretrained(path_initial_model_for_weight_conversion=...): adapter {name!r} is "
+                        f"{cfg.peft_type}, which has no conversion to a plain adapter (it trains against the "
+                        f"unchanged base, so save it without that argument); conversion exists for "
+                        f"{', '.join(_tuner_types(lambda t: t.converts_to_plain))} adapters initialised by PiSSA or CorDA")
                 tensors, cfg = self._tuner(name).convert_to_plain(
                     tensors, cfg, load_tensors(Path(path_initial_model_for_weight_conversion) / WEIGHTS_NAME))
             out = root if name == "default" else root / name
@@ -458,9 +472,9 @@ class PeftModel(nn.Module):
         tuner.import_state(model, adapter_name, cfg, tensors)
 
 
-def _rewrites_inputs(tuner) -> bool:
-    """Prompt-style tuners rewrite forward/generate inputs for the whole batch (Tuner.prepare_inputs)."""
-    return type(tuner).prepare_inputs is not Tuner.prepare_inputs
+def _tuner_types(declares) -> list[str]:
+    """The peft_types whose tuner declares a capability (`declares(tuner)` is True), for error messages."""
+    return [t for t in registered_peft_types() if declares(get_tuner(t))]
 
 
 def _key_prefix(tuner) -> str:

@@ -127,6 +127,7 @@ class VirtualTokenEncoder(nn.Module):
 class VirtualTokenTuner(Tuner):
     """Tuner protocol for methods whose state is one VirtualTokenEncoder per adapter."""
     is_prompt_learning = True
+    rewrites_inputs = True
     kv_prefix = False  # prefix methods: token_dim is per-layer key/value width
 
     def make_encoder(self, model: nn.Module, config) -> VirtualTokenEncoder:

@@ -6,11 +6,15 @@ name ("dora" is LORA with use_dora=True). A method file registers both once, at 
 from __future__ import annotations
 
 import difflib
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
-# The kinds DESIGN.md names; the kind decides what the core does for a method.
+# What a method changes (docs/DESIGN.md, "Kinds"): a weight delta (mergeable into W), activations beside a layer,
+# the inputs (virtual tokens, key/value prefixes), a subset of the model's own parameters, or all of them. It is
+# reported to users (`peftlab methods`, the bench); the core reads declared capabilities, never the kind.
 KINDS = ("delta-weight", "activation", "input", "selective", "full")
+SAVES = ("adapter", "model")
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,28 @@ class MethodInfo:
     # half the zoo look broken. The values were chosen on SmolLM2-135M's demo task (benchmarks/method_table.py,
     # 40 steps × 8): e.g. VeRA, FourierFT and AdaLoRA reach 0% exact match at 2e-4/4e-3 and 42–44% at 1e-2–2e-2.
     default_lr: float = 2e-4
+    # The config fields the generic command-line flags --r, --alpha and --dropout set (None: the method has no
+    # such setting, and the flag is refused with the method's fields listed).
+    rank_field: Optional[str] = None
+    alpha_field: Optional[str] = None
+    dropout_field: Optional[str] = None
+    # A config field that takes the run's number of optimizer steps when the user leaves it unset (AdaLoRA's
+    # total_step schedules its rank budget over the run).
+    run_length_field: Optional[str] = None
+    # What a training run keeps: an adapter directory, or (full fine-tuning) a whole Transformers model.
+    saves: str = "adapter"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"method {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.saves not in SAVES:
+            raise ValueError(f"method {self.name!r}: saves must be one of {SAVES}, got {self.saves!r}")
+        names = {f.name for f in dataclasses.fields(self.config_cls)}
+        for attr in ("rank_field", "alpha_field", "dropout_field", "run_length_field"):
+            value = getattr(self, attr)
+            if value is not None and value not in names:
+                raise ValueError(f"method {self.name!r}: {attr}={value!r} is not a field of "
+                                 f"{self.config_cls.__name__}")
 
     def make_config(self, **overrides: Any):
         return self.config_cls(**{**self.preset, **overrides})
@@ -36,8 +62,7 @@ class MethodInfo:
     def as_dict(self) -> dict:
         return {"name": self.name, "category": self.category, "kind": self.kind, "mergeable": self.mergeable,
                 "hf_peft_compatible": self.hf_peft_compatible, "identity_at_init": self.identity_at_init,
-                "description": self.description,
-                "default_lr": self.default_lr}
+                "description": self.description, "default_lr": self.default_lr, "saves": self.saves}
 
 
 _METHODS: dict[str, MethodInfo] = {}
@@ -46,8 +71,6 @@ _CONFIGS: dict[str, type] = {}    # peft_type -> config class
 
 
 def register_method(info: MethodInfo) -> MethodInfo:
-    if info.kind not in KINDS:
-        raise ValueError(f"method {info.name!r}: kind must be one of {KINDS}, got {info.kind!r}")
     if info.name in _METHODS:
         raise ValueError(f"method {info.name!r} is registered twice")
     _METHODS[info.name] = info
@@ -88,6 +111,11 @@ def get_tuner(peft_type: str):
     if peft_type not in _TUNERS:
         raise ValueError(f"no tuner implements peft_type {peft_type!r}; known: {', '.join(sorted(_TUNERS))}")
     return _TUNERS[peft_type]
+
+
+def registered_peft_types() -> list[str]:
+    _ensure_loaded()
+    return sorted(_TUNERS)
 
 
 def config_class_for(peft_type: str) -> type:

@@ -95,7 +95,10 @@ class SiblingFusion:
         followers = self.followers.get(layer)
         if not followers:
             return None
-        members = [layer.group_operands(x)] + [f.group_operands(x) for f in followers]
+        adapters = [layer.sibling_adapter(x)] + [f.sibling_adapter(x) for f in followers]
+        if any(a is None for a in adapters):
+            return None
+        members = [a.lowrank_operands(m.base_layer) for a, m in zip(adapters, [layer, *followers])]
         if any(m is None for m in members):
             return None
         outs = lowrank_group(x, members)
@@ -104,7 +107,7 @@ class SiblingFusion:
         return outs[0]
 
     def _record(self, layer, x: torch.Tensor) -> None:
-        if layer.group_operands(x, probe=True) is None:
+        if layer.sibling_adapter(x) is None:
             return
         if self._last is not None and self._last[0] is x and self._last[1] == x._version:
             self._recorded[-1].append(layer)

@@ -49,8 +49,19 @@ ABSOLUTE_KEY = "/"
 
 
 class Tuner:
-    """The protocol every peft_type implements. Keys are relative to the Transformers model."""
+    """The protocol every peft_type implements. Keys are relative to the Transformers model.
+
+    Capabilities are declared here with defaults; a tuner that has one sets the flag and implements the method,
+    and the core reads the flag instead of probing for methods."""
+    # HF PEFT's prompt-learning layout: saved keys under "base_model." and nothing to merge into weights
     is_prompt_learning = False
+    # prepare_inputs rewrites the whole batch's inputs (virtual tokens, key/value prefixes): such adapters
+    # cannot take part in mixed-adapter batches, and a KV cache cannot be reused across their calls
+    rewrites_inputs = False
+    # add_weighted_adapter: new adapters as weighted combinations of existing ones of this type
+    supports_weighted_combination = False
+    # convert_to_plain: an adapter trained from a decomposed base (PiSSA, CorDA) as a plain one on the original
+    converts_to_plain = False
 
     def inject(self, model: nn.Module, config, adapter_name: str) -> None:
         raise NotImplementedError
@@ -81,6 +92,14 @@ class Tuner:
         their layers already, so by default this is unload(); selective methods, whose change lives in the
         model's own tensors, keep the tuned values here, while their unload() restores the originals."""
         self.unload(model)
+
+    def add_weighted_adapter(self, peft_model, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: Optional[int] = None) -> None:
+        raise NotImplementedError  # only reached when supports_weighted_combination is True
+
+    def convert_to_plain(self, tensors: dict, config, initial: dict) -> tuple[dict, object]:
+        """(tensors, config) of the equivalent adapter for the original base, given the adapter's initial tensors."""
+        raise NotImplementedError  # only reached when converts_to_plain is True
 
     # -- hooks for methods that need more than layer wrapping (all optional) -------------------------------
     def prepare_inputs(self, model: nn.Module, adapter_name: str, config, kwargs: dict, generate: bool) -> dict:

@@ -21,7 +21,7 @@ from ..core.registry import MethodInfo, register_method, register_tuner
 from ..core.targets import linear_features
 from ..core.tuner import LayerTuner, adapted_layers
 from ..hf.defaults import LORA_TARGETS
-from .lora import LoraConfig
+from .lora.config import LoraConfig
 
 # HF PEFT's AdaLoRA defaults differ from LoRA's for a few encoder-decoder and encoder models.
 ADALORA_TARGETS = {**LORA_TARGETS, "t5": ["q", "k", "v", "o", "wi", "wo"],
@@ -68,11 +68,6 @@ class AdaLoraConfig(LoraConfig):
             raise ValueError("AdaLoRA uses one lora_alpha for all layers; alpha_pattern is not supported")
         if isinstance(self.init_lora_weights, str):
             raise ValueError(f"AdaLoRA supports init_lora_weights True/False only, got {self.init_lora_weights!r}")
-
-    @classmethod
-    def for_conformance(cls, model, batches) -> "AdaLoraConfig":
-        # The only thing AdaLoRA needs beyond defaults is the length of training.
-        return cls(total_step=10)
 
 
 def budget_schedule(step: int, init_bgt: int, target_bgt: int, tinit: int, tfinal: int, total_step: int,
@@ -297,5 +292,6 @@ def _mask_to_budget(layers, n_prune: int) -> dict:
 register_method(MethodInfo(
     "adalora", AdaLoraConfig, category="reparameterized", kind="delta-weight", mergeable=True,
     hf_peft_compatible=True,
-    default_lr=1e-2,
+    default_lr=1e-2, rank_field="init_r", alpha_field="lora_alpha", dropout_field="lora_dropout",
+    run_length_field="total_step",
     description="SVD-form LoRA whose rank budget is reallocated by importance during training (Zhang et al. 2023)"))

@@ -188,7 +188,7 @@ class BottleneckTuner(LayerTuner):
 
 
 _ADAPTER = dict(config_cls=BottleneckConfig, category="additive", kind="activation", mergeable=False,
-                hf_peft_compatible=False, identity_at_init=True, default_lr=1e-3)
+                hf_peft_compatible=False, identity_at_init=True, default_lr=1e-3, dropout_field="adapter_dropout")
 register_method(MethodInfo("adapter-sequential", preset={"adapter_type": "sequential"}, **_ADAPTER,
                            description="Houlsby bottleneck adapters after attention and FFN outputs, zero-init up"))
 register_method(MethodInfo("adapter-parallel", preset={"adapter_type": "parallel", "scaling": 4.0}, **_ADAPTER,

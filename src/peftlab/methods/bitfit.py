@@ -33,15 +33,6 @@ class BitFitConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = None
     add_bias: bool = False
 
-    @classmethod
-    def for_conformance(cls, model, batches):
-        """The tiny LLaMA of the conformance matrix has no biases: BitFit there means add_bias=True."""
-        return cls(add_bias=not _has_biases(model))
-
-
-def _has_biases(model: nn.Module) -> bool:
-    return any(isinstance(getattr(m, "bias", None), nn.Parameter) for m in model.modules())
-
 
 def _candidates(model: nn.Module, config: BitFitConfig) -> list[str]:
     if config.target_modules is not None:

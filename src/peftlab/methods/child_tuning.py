@@ -43,15 +43,13 @@ class ChildTuningConfig(PeftConfig):
         if not 0.0 < self.reserve_p <= 1.0:
             raise ValueError(f"ChildTuningConfig: reserve_p must be in (0, 1], got {self.reserve_p}")
 
+    @property
+    def calibration_data(self) -> str:
+        return "task"  # the Fisher information of the task's own batches picks the child network
+
     def prepare(self, model: nn.Module, data: Any, **kwargs) -> None:
         """The task-data step get_peft_model needs first (the trainer calls it with task batches)."""
         compute_fisher_mask(model, self, data, **kwargs)
-
-    @classmethod
-    def for_conformance(cls, model, batches):
-        cfg = cls()
-        cfg.prepare(model, batches)
-        return cfg
 
 
 def _targets(model: nn.Module, config: ChildTuningConfig) -> list[tuple[str, nn.Module]]:

@@ -45,9 +45,6 @@ class FourierFTConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("target_modules", "exclude_modules"):
-            if isinstance(getattr(self, name), (set, tuple)):
-                setattr(self, name, sorted(getattr(self, name)))
         if self.n_frequency <= 0:
             raise ValueError(f"n_frequency must be a positive integer, got {self.n_frequency}")
         if self.bias not in ("none", "all"):
@@ -59,11 +56,6 @@ class FourierFTConfig(PeftConfig):
         if self.random_loc_seed is None:
             raise ValueError("random_loc_seed must be an integer: the spectral positions are derived from it and "
                              "are not saved")
-
-    @classmethod
-    def for_conformance(cls, model, batches) -> "FourierFTConfig":
-        # The default n_frequency=1000 exceeds the 16×32 projections of the conformance matrix's toy model.
-        return cls(n_frequency=64, init_weights=True)
 
 
 class FourierFTLinear(Adapter):

@@ -50,5 +50,5 @@ class FullTuner(SelectiveTuner):
 
 register_method(MethodInfo(
     "full", FullConfig, category="full", kind="full", mergeable=True,
-    default_lr=5e-5,
+    default_lr=5e-5, saves="model",
     description="full fine-tuning of every parameter, the reference row (keeps a copy of the original weights)"))

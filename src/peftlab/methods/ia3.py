@@ -53,9 +53,6 @@ class IA3Config(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("target_modules", "exclude_modules", "feedforward_modules"):
-            if isinstance(getattr(self, name), (set, tuple)):
-                setattr(self, name, sorted(getattr(self, name)))
         ff, tm = self.feedforward_modules, self.target_modules
         if isinstance(ff, list) and isinstance(tm, list) and not set(ff) <= set(tm):
             raise ValueError(f"feedforward_modules {sorted(set(ff) - set(tm))} are not in target_modules {tm}; "

@@ -51,6 +51,7 @@ class PrefixAndLayersTuner(Tuner):
     `prompt_embeddings` as in prefix tuning; the layer adapters under their module names."""
     prefix = PrefixTuner()
     layers = BottleneckTuner()
+    rewrites_inputs = True  # the prefix joins every forward's key/value cache
 
     def inject_layers(self, model, config, adapter_name) -> None:
         raise NotImplementedError
@@ -105,6 +106,6 @@ class MamTuner(PrefixAndLayersTuner):
 
 register_method(MethodInfo("mam", MamConfig, category="hybrid", kind="input", mergeable=False,
                            hf_peft_compatible=False, identity_at_init=False,
-                           default_lr=1e-3,
+                           default_lr=1e-3, dropout_field="adapter_dropout",
                            description="prefix tuning on attention + scaled parallel adapter on the FFN "
                                        "(He et al. 2021)"))

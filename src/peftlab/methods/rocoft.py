@@ -66,4 +66,4 @@ class RoCoFTTuner(SelectiveTuner):
 
 register_method(MethodInfo(
     "rocoft", RoCoFTConfig, category="selective", kind="selective", mergeable=True,
-    default_lr=1e-2, description="train only k rows (or columns) of each target weight matrix"))
+    default_lr=1e-2, rank_field="rank", description="train only k rows (or columns) of each target weight matrix"))

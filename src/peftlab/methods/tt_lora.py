@@ -42,8 +42,6 @@ class TTLoraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
         if self.r <= 0:
             raise ValueError(f"TTLoraConfig: r (the TT rank) must be a positive integer, got {self.r}")
         if self.max_factor < 2:
@@ -160,5 +158,5 @@ class TTLoraTuner(LayerTuner):
 register_method(MethodInfo(
     "tt-lora", TTLoraConfig, category="reparameterized", kind="delta-weight", mergeable=True,
     identity_at_init=False,  # the reference init gives ΔW ≠ 0; init_weights="zero" starts from the base model
-    default_lr=5e-3,
+    default_lr=5e-3, rank_field="r", alpha_field="alpha",
     description="ΔW as a tensor train of small cores over factorised d_in/d_out, applied by contraction"))

@@ -27,7 +27,7 @@ from ..core.registry import MethodInfo, register_method, register_tuner
 from ..core.targets import resolve_targets
 from ..hf.modules import block_modules, layout_of
 from .adapters import adapted, check_bottleneck_fields, inject_bottlenecks
-from .lora import LoraLinear, lora_scale
+from .lora.layers import LoraLinear, lora_scale
 from .mam import PrefixAndLayersTuner
 
 
@@ -184,5 +184,5 @@ class UniPeltTuner(PrefixAndLayersTuner):
 
 register_method(MethodInfo("unipelt", UniPeltConfig, category="hybrid", kind="input", mergeable=False,
                            hf_peft_compatible=False, identity_at_init=False,
-                           default_lr=1e-3,
+                           default_lr=1e-3, rank_field="r", alpha_field="lora_alpha", dropout_field="lora_dropout",
                            description="LoRA + prefix + adapter, each behind a learned sigmoid gate (Mao et al. 2022)"))

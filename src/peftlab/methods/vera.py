@@ -45,8 +45,6 @@ class VeraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
         if self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r}")
         if not 0.0 <= self.vera_dropout < 1.0:
@@ -169,5 +167,5 @@ class VeraTuner(LayerTuner):
 
 register_method(MethodInfo(
     "vera", VeraConfig, category="reparameterized", kind="delta-weight", mergeable=True, hf_peft_compatible=True,
-    default_lr=2e-2,
+    default_lr=2e-2, rank_field="r", dropout_field="vera_dropout",
     description="shared frozen random A, B; trains per-layer scaling vectors λ_b, λ_d only (Kopiczko et al. 2024)"))

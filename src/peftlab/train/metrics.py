@@ -69,8 +69,8 @@ def _eval_mode(model):
 
 def _cache_ok(model) -> bool:
     """Reusing a KV cache across calls needs a plain forward: not prompt methods, which rewrite every input."""
-    from ..core.model import _rewrites_inputs
-    if hasattr(model, "_active_tuners") and any(_rewrites_inputs(t) for _, _, t in model._active_tuners()):
+    from ..core.model import PeftModel
+    if isinstance(model, PeftModel) and model.rewrites_inputs:
         return False
     return _accepts(model, "past_key_values")
 

@@ -19,10 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.layer import Adapter
-from ..core.registry import MethodInfo, register_method, register_tuner
-from ..core.tuner import LayerTuner
-from .lora import LoraConfig, LoraLinear, linear_lora_kwargs
+from ...core.layer import Adapter
+from ...core.lowrank import LowRankOperands
+from ...core.registry import MethodInfo, register_method, register_tuner
+from ...core.tuner import LayerTuner
+from .config import LORA_FLAG_FIELDS, LoraConfig
+from .layers import LoraLinear, linear_lora_kwargs
 
 
 @dataclass
@@ -48,8 +50,19 @@ class LoraDropoutLinear(LoraLinear):
         super().__init__(**lora_kwargs)
         self.p = sparsity_dropout
 
+    def _masking(self) -> bool:
+        return self.training and self.p > 0
+
+    # Plain LoRA whenever no masks are drawn; while they are, the update changes every forward and has no fixed
+    # low-rank operands. It stays out of sibling groups (the masked path is its own forward).
+    def lowrank_operands(self, base_layer: nn.Module) -> Optional[LowRankOperands]:
+        return None if self._masking() else super().lowrank_operands(base_layer)
+
+    def joins_sibling_group(self, x: torch.Tensor, base_layer: nn.Module) -> bool:
+        return False
+
     def forward(self, x: torch.Tensor, base_layer: nn.Module, result: Optional[torch.Tensor]) -> torch.Tensor:
-        if not (self.training and self.p > 0):
+        if not self._masking():
             return super().forward(x, base_layer, result)
         if result is None:
             result = base_layer(x)
@@ -75,6 +88,5 @@ class LoraDropoutTuner(LayerTuner):
 
 register_method(MethodInfo(
     "lora-dropout", LoraDropoutConfig, category="reparameterized", kind="delta-weight", mergeable=True,
-    hf_peft_compatible=False,
-    default_lr=2e-3,
+    hf_peft_compatible=False, default_lr=2e-3, **LORA_FLAG_FIELDS,
     description="LoRA with Bernoulli masks on A's input and B's output features in training (Lin et al. 2024)"))

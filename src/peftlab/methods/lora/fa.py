@@ -18,11 +18,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.functional import fused_ok
-from ..core.layer import Adapter
-from ..core.registry import MethodInfo, register_method, register_tuner
-from ..core.tuner import LayerTuner
-from .lora import LoraConfig, LoraLinear, linear_lora_kwargs
+from ...core.functional import fused_ok
+from ...core.layer import Adapter
+from ...core.lowrank import LowRankOperands
+from ...core.registry import MethodInfo, register_method, register_tuner
+from ...core.tuner import LayerTuner
+from .config import LORA_FLAG_FIELDS, LoraConfig
+from .layers import LoraLinear, linear_lora_kwargs
 
 
 @dataclass
@@ -103,8 +105,23 @@ class LoraFaLinear(LoraLinear):
         proj = torch.linalg.inv(a @ a.t()) / self.scale ** 2 if self.project_gradient else torch.empty(0)
         self.grad_proj = proj.to(device=self.lora_A.device, dtype=self.lora_A.dtype)
 
+    def _trained_B(self) -> torch.Tensor:
+        """B as the forward uses it: with project_gradient, its gradient passes through (AAᵀ)⁻¹/s²."""
+        return _ProjectGrad.apply(self.lora_B, self.grad_proj) if self.project_gradient else self.lora_B
+
+    # The same function as LoRA (A merely frozen), so mixed batches may compute it from its operands; it keeps
+    # its own kernel in training, which saves x·Aᵀ (N, r) instead of the group kernel's x (N, d_in).
+    def lowrank_operands(self, base_layer: nn.Module) -> Optional[LowRankOperands]:
+        if self._dropout_active():
+            return None
+        return LowRankOperands(self.base_weight(base_layer), base_layer.bias, self.lora_A, self._trained_B(),
+                               self.scale)
+
+    def joins_sibling_group(self, x: torch.Tensor, base_layer: nn.Module) -> bool:
+        return False
+
     def forward(self, x: torch.Tensor, base_layer: nn.Module, result: Optional[torch.Tensor]) -> torch.Tensor:
-        B = _ProjectGrad.apply(self.lora_B, self.grad_proj) if self.project_gradient else self.lora_B
+        B = self._trained_B()
         if result is None:
             w = self.base_weight(base_layer)
             if not self._dropout_active() and not w.requires_grad and fused_ok(x, w, self.lora_A, self.lora_B):
@@ -123,6 +140,5 @@ class LoraFaTuner(LayerTuner):
 
 register_method(MethodInfo(
     "lora-fa", LoraFaConfig, category="reparameterized", kind="delta-weight", mergeable=True,
-    hf_peft_compatible=False,
-    default_lr=2e-3,
+    hf_peft_compatible=False, default_lr=2e-3, **LORA_FLAG_FIELDS,
     description="LoRA with A frozen at init, only B trained; optional (AAᵀ)⁻¹ gradient projection (Zhang et al. 2023)"))

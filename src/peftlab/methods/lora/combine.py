@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .lora import LoraEmbedding
+from .layers import LoraEmbedding
 
 
 def add_weighted_lora(tuner, peft_model, adapters: list[str], weights: list[float], adapter_name: str,

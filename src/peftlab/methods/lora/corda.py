@@ -18,19 +18,18 @@ adapter later rebuilds the residual from it; otherwise call preprocess_corda aga
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 
-from ..core.calibration import device_of, iter_batches, model_inputs
-from ..core.io import load_tensors, save_tensors
-from ..core.registry import MethodInfo, register_method
-from ..core.selective import innermost, weight_view
-from ..core.targets import is_linear_like, pattern_value, resolve_targets
-from .lora import LoraConfig
+from ...core.calibration import device_of, iter_batches, model_inputs
+from ...core.io import load_tensors, save_tensors
+from ...core.registry import MethodInfo, register_method
+from ...core.selective import innermost, weight_view
+from ...core.targets import is_linear_like, pattern_value, resolve_targets
+from .config import LORA_FLAG_FIELDS, LoraConfig
 
 EIGENS_ATTR = "_peftlab_corda_eigens"   # (U (d_out, r), S (r,), V (d_in, r)) set by preprocess_corda, taken by init
 
@@ -75,14 +74,6 @@ class CordaLoraConfig(LoraConfig):
 
     def prepare(self, model: nn.Module, data: Any, **kwargs) -> None:
         preprocess_corda(model, self, data, **kwargs)
-
-    @classmethod
-    def for_conformance(cls, model, batches):
-        # A cache file, so a saved adapter can be loaded onto a fresh base without the calibration data.
-        cache = os.path.join(tempfile.mkdtemp(prefix="peftlab-corda-"), "corda_cache.safetensors")
-        cfg = cls(r=4, target_modules=["q_proj", "v_proj"], corda_config=CordaConfig(cache_file=cache))
-        cfg.prepare(model, batches)
-        return cfg
 
 
 def _targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
@@ -272,7 +263,7 @@ def corda_init(adapter, base_layer: nn.Module, config: LoraConfig, module_name: 
         if not (cache and os.path.isfile(cache)):
             raise ValueError(
                 f"{module_name}: init_lora_weights='corda' needs CorDA's decomposition of this layer: call "
-                f"peftlab.methods.corda.preprocess_corda(model, config, calibration_data) before get_peft_model, or "
+                f"peftlab.methods.lora.preprocess_corda(model, config, calibration_data) before get_peft_model, or "
                 f"set corda_config.cache_file to a cache it wrote. (A saved CorDA adapter applies to the residual "
                 f"base; save with path_initial_model_for_weight_conversion for a plain LoRA of the original base.)")
         eigens = _eigens_from_cache(cache, [(module_name, base_layer)], {module_name: adapter.r},
@@ -297,6 +288,5 @@ def corda_init(adapter, base_layer: nn.Module, config: LoraConfig, module_name: 
 
 register_method(MethodInfo(
     "corda", CordaLoraConfig, category="reparameterized", kind="delta-weight", mergeable=True,
-    hf_peft_compatible=True,
-    default_lr=2e-3,
+    hf_peft_compatible=True, default_lr=2e-3, **LORA_FLAG_FIELDS,
     description="LoRA initialised by context-oriented SVD of W·C from calibration data (IPM / KPM modes)"))

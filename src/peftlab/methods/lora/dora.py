@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.functional import dora_linear, fused_ok
-from ..core.registry import MethodInfo, register_method
-from .lora import LoraConfig, LoraLinear
+from ...core.functional import dora_linear, fused_ok
+from ...core.lowrank import LowRankOperands
+from .layers import LoraLinear
 
 
 class DoraLinear(LoraLinear):
@@ -84,24 +84,20 @@ class DoraLinear(LoraLinear):
             self._peft_norm_key = key
         return self._peft_norm
 
-    joins_sibling_groups = True
-
-    def group_operands(self, x: torch.Tensor, base_layer: nn.Module, probe: bool = False) -> Optional[tuple]:
+    # -- the low-rank operand protocol (core/lowrank.py): c = m/‖W + sBA‖ ---------------------------------------
+    def joins_sibling_group(self, x: torch.Tensor, base_layer: nn.Module) -> bool:
         # the fused kernels serve training only; outside it DoRA uses HF PEFT's cached norm (see forward)
-        if not self.training or not fused_ok(x, self.magnitude):
-            return None
-        ops = super().group_operands(x, base_layer, probe)
-        if ops is None or probe:
-            return ops
-        inv_norm = self.merged_sq_norm(base_layer).rsqrt_().to(x.dtype)
-        return (*ops[:5], self.magnitude, inv_norm)
+        return self.training and fused_ok(x, self.magnitude) and super().joins_sibling_group(x, base_layer)
 
-    def lowrank_factors(self, base_layer: nn.Module):
-        """(A, B, s, c): the output is c ⊙ (base(x) − b + s·B A x) + b with c = m/‖W + sBA‖ (core/mixed.py)."""
+    def lowrank_operands(self, base_layer: nn.Module) -> Optional[LowRankOperands]:
         if self._dropout_active():
             return None
-        norm = self.weight_norm(base_layer) if self.training else self.peft_weight_norm(base_layer)
-        return self.lora_A, self.lora_B, self.scale, self.magnitude / norm.to(self.magnitude.dtype)
+        if self.training:
+            inv_norm = self.merged_sq_norm(base_layer).rsqrt_().to(self.magnitude.dtype)
+        else:
+            inv_norm = self.peft_weight_norm(base_layer).to(self.magnitude.dtype).reciprocal()
+        return LowRankOperands(self.base_weight(base_layer), base_layer.bias, self.lora_A, self.lora_B, self.scale,
+                               self.magnitude, inv_norm)
 
     def forward(self, x: torch.Tensor, base_layer: nn.Module, result: Optional[torch.Tensor]) -> torch.Tensor:
         w = self.base_weight(base_layer)
@@ -157,8 +153,3 @@ class DoraLinear(LoraLinear):
         out = (self.magnitude.float() / merged.norm(dim=1)).view(-1, 1) * merged - w
         return out.t() if self.fan_in_fan_out else out
 
-
-register_method(MethodInfo("dora", LoraConfig, preset={"use_dora": True}, category="reparameterized",
-                           kind="delta-weight", mergeable=True, hf_peft_compatible=True,
-                           default_lr=2e-3,
-                           description="weight-decomposed LoRA: learned row magnitudes over a LoRA-updated direction"))

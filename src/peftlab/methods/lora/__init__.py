@@ -1,0 +1,23 @@
+"""The LoRA family as one package: LoRA, rsLoRA, DoRA, PiSSA, CorDA, LoRA-FA, LoRA-dropout.
+
+config.py   LoraConfig (HF PEFT's fields; rsLoRA, DoRA, PiSSA and CorDA are options of it)
+layers.py   LoraLinear / LoraEmbedding: y = W x + s·B A x, the low-rank operand protocol (core/lowrank.py)
+dora.py     DoraLinear: a learned row magnitude over the LoRA-updated direction
+pissa.py    PiSSA's SVD initialisation; corda.py CorDA's context-oriented one (needs calibration data)
+combine.py  add_weighted_adapter's combinations
+tuner.py    LoraTuner (peft_type "LORA") and the registry names lora / rslora / pissa / dora
+fa.py       LoRA-FA (A frozen), dropout.py LoRA-dropout: own peft_types, LoRA's file layout
+The fused kernels these layers run are in core/functional.py: sibling fusion and mixed batches (core) call them
+through the low-rank operand protocol, not through this package.
+"""
+from .config import LoraConfig
+from .corda import CordaConfig, CordaLoraConfig, preprocess_corda
+from .dora import DoraLinear
+from .dropout import LoraDropoutConfig, LoraDropoutLinear
+from .fa import LoraFaConfig, LoraFaLinear
+from .layers import LoraEmbedding, LoraLinear, linear_lora_kwargs, lora_scale
+from .tuner import LoraTuner
+
+__all__ = ["CordaConfig", "CordaLoraConfig", "DoraLinear", "LoraConfig", "LoraDropoutConfig", "LoraDropoutLinear",
+           "LoraEmbedding", "LoraFaConfig", "LoraFaLinear", "LoraLinear", "LoraTuner", "linear_lora_kwargs",
+           "lora_scale", "preprocess_corda"]
