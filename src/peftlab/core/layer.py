@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .loading import check_keys, check_shape
 from .lowrank import LowRankOperands
 
 
@@ -60,21 +61,11 @@ class Adapter(nn.Module):
     def import_state(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Load saved tensors (suffix -> tensor); errors name the module and both shapes on a mismatch."""
         own = {self.saved_names.get(k, k): k for k in self.state_dict() if k not in self.unsaved}
-        missing = sorted(set(own) - set(tensors))
-        if missing:
-            raise KeyError(f"adapter file has no {', '.join(missing)} for module {where}")
-        unexpected = sorted(set(tensors) - set(own))
-        if unexpected:
-            raise KeyError(f"adapter file has {', '.join(unexpected)} for module {where}, which this "
-                           f"{type(self).__name__} does not have (expected {', '.join(sorted(own))})")
         current = self.state_dict()
+        check_keys(where, tensors, own, type(self).__name__)
         for saved, local in own.items():
-            t = tensors[saved]
-            if tuple(t.shape) != tuple(current[local].shape):
-                raise ValueError(
-                    f"adapter does not fit this base model: module {where}: {saved} has shape "
-                    f"{tuple(t.shape)} in the file, but this model needs {tuple(current[local].shape)} "
-                    f"(was the adapter saved for another base model, or with another r?)")
+            check_shape(where, saved, tensors[saved], current[local],
+                        "was the adapter saved for another base model, or with another r?")
         self.load_state_dict({local: tensors[saved].to(current[local].dtype) for saved, local in own.items()},
                              strict=False)
         self.after_load()

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from .config import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, PeftConfig
 from .io import load_tensors, save_tensors
+from .loading import check_keys, check_shape, copy_checked
 from .layer import ModulesToSave
 from .registry import get_tuner, registered_peft_types
 from .siblings import SiblingFusion
@@ -459,15 +460,15 @@ class PeftModel(nn.Module):
         biases = self._bias_parameters(cfg, adapter_name)
         for k in list(tensors):
             if k in biases:
-                _check_shapes({k: tensors[k]}, {k: biases[k]}, k.rsplit(".", 1)[0])
-                with torch.no_grad():
-                    biases[k].copy_(tensors.pop(k))
+                copy_checked(k.rsplit(".", 1)[0], {k: tensors.pop(k)}, {k: biases[k]})
         for name, wrapper in self._modules_to_save():
             if adapter_name not in wrapper.copies:
                 continue
             own = wrapper.copies[adapter_name].state_dict()
             part = {k[len(name) + 1:]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")}
-            _check_shapes(part, own, name)
+            check_keys(name, part, own)
+            for k, t in part.items():
+                check_shape(name, k, t, own[k])
             wrapper.copies[adapter_name].load_state_dict(part)
         tuner.import_state(model, adapter_name, cfg, tensors)
 
@@ -481,18 +482,6 @@ def _key_prefix(tuner) -> str:
     # HF PEFT keeps the Transformers model itself at `base_model` for prompt methods, so their heads are saved
     # as base_model.<head>.<param>; every other method has it at base_model.model.
     return "base_model." if tuner.is_prompt_learning else PREFIX
-
-
-def _check_shapes(part: dict, own: dict, where: str) -> None:
-    missing = sorted(set(own) - set(part))
-    if missing:
-        raise KeyError(f"adapter file has no {', '.join(missing)} for module {where}")
-    for k, t in part.items():
-        if k not in own:
-            raise KeyError(f"adapter file has {k!r} for module {where}, which it does not have")
-        if tuple(t.shape) != tuple(own[k].shape):
-            raise ValueError(f"adapter does not fit this base model: module {where}: {k} has shape "
-                             f"{tuple(t.shape)} in the file, but this model needs {tuple(own[k].shape)}")
 
 
 def _adapter_dir(model_id: str | os.PathLike) -> Path:

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .config import PeftConfig
+from .loading import check_shape
 from .tuner import Tuner
 from ..hf.modules import pooling_of
 
@@ -116,10 +117,7 @@ class VirtualTokenEncoder(nn.Module):
     def load_folded(self, t: torch.Tensor, where: str) -> None:
         self.fold()
         own = self.embedding.weight
-        if tuple(t.shape) != tuple(own.shape):
-            raise ValueError(f"adapter does not fit this base model: {where}: {SAVED_KEY} has shape "
-                             f"{tuple(t.shape)} in the file, but this model needs {tuple(own.shape)} "
-                             f"(was it saved for another base model or another num_virtual_tokens?)")
+        check_shape(where, SAVED_KEY, t, own, "was it saved for another base model or another num_virtual_tokens?")
         with torch.no_grad():
             own.copy_(t.to(own.dtype))
 

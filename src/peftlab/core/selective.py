@@ -24,6 +24,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn as nn
 
+from .loading import check_shape, mismatch
 from .tuner import Tuner
 
 SLOT = "peftlab_selective"          # the ModuleDict a selected module carries: adapter -> param -> Entry
@@ -372,9 +373,7 @@ class SelectiveTuner(Tuner):
                     raise KeyError(f"adapter file has no {key} (a {self.peft_type} adapter on {e.module_name})")
                 t = tensors.pop(key)
                 own = getattr(module, e.param)
-                if tuple(t.shape) != tuple(own.shape):
-                    raise ValueError(f"adapter does not fit this base model: {key} has shape {tuple(t.shape)} in the "
-                                     f"file, but this model needs {tuple(own.shape)}")
+                check_shape(e.module_name, key, t, own)
                 e.load(module, t)
         if tensors:
             raise KeyError(f"adapter file has {len(tensors)} tensor(s) no selected parameter of this model owns, "
@@ -425,5 +424,5 @@ def _check_partial(e: Entry, module: nn.Module, values, index, want_numel) -> No
               and (len(index) == 0 or int(index.max()) < size))
         need = f"{len(e.index)} {e.kind} of a {view_shape} weight"
     if not ok:
-        raise ValueError(f"adapter does not fit this base model: module {e.module_name}: the file holds values "
-                         f"{tuple(values.shape)} with index {tuple(index.shape)}, but this model needs {need}")
+        raise mismatch(e.module_name, f"the file holds values {tuple(values.shape)} with index "
+                                      f"{tuple(index.shape)}, but this model needs {need}")

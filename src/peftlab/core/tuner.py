@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .layer import AdaptedLayer, Adapter
+from .loading import copy_checked
 from .targets import is_linear_like, resolve_targets
 from ..hf.defaults import default_targets
 
@@ -30,15 +31,7 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
 
 def load_into_module(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Copy saved tensors into a module's parameters, naming the module and both shapes on a mismatch."""
-    own = dict(module.named_parameters())
-    for key, t in tensors.items():
-        if key not in own:
-            raise KeyError(f"adapter file has {where}.{key}, which this model does not have")
-        if tuple(t.shape) != tuple(own[key].shape):
-            raise ValueError(f"adapter does not fit this base model: module {where}: {key} has shape "
-                             f"{tuple(t.shape)} in the file, but this model needs {tuple(own[key].shape)}")
-        with torch.no_grad():
-            own[key].copy_(t)
+    copy_checked(where, tensors, dict(module.named_parameters()), type(module).__name__, allow_missing=True)
 
 
 # export_state() keys are relative to the Transformers model; the PeftModel saves them under "base_model.model.".

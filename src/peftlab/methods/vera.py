@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..core.config import PeftConfig
 from ..core.layer import Adapter
+from ..core.loading import check_shape
 from ..core.registry import MethodInfo, register_method, register_tuner
 from ..core.targets import linear_features, resolve_targets
 from ..core.tuner import ABSOLUTE_KEY, LayerTuner
@@ -154,9 +155,7 @@ class VeraTuner(LayerTuner):
             shared = self._shared(model, adapter_name)
             for key, t in saved.items():
                 own = getattr(shared, key.rsplit(".", 1)[-1])
-                if tuple(t.shape) != tuple(own.shape):
-                    raise ValueError(f"adapter does not fit this base model: {key} has shape {tuple(t.shape)} in "
-                                     f"the file, but r and the largest target layer here need {tuple(own.shape)}")
+                check_shape("base_model", key, t, own, "VeRA's shared projections: r by the largest target layer")
                 own.copy_(t.to(own.dtype))
         elif saved:
             warnings.warn("the adapter file holds vera_A/vera_B but its config has save_projection=False; "
