@@ -16,6 +16,16 @@ from .loading import check_keys, check_shape
 from .lowrank import LowRankOperands
 
 
+class PeftlabModule:
+    """Marks a module peftlab put into the model (an adapted layer, a head's per-adapter copies, the prompt
+    encoders): target matching and the selective methods never look inside one."""
+
+
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The module an AdaptedLayer wraps (an already adapted linear still counts as that linear), else itself."""
+    return module.base_layer if isinstance(module, AdaptedLayer) else module
+
+
 class Adapter(nn.Module):
     """One method's adapter on one layer.
 
@@ -77,9 +87,8 @@ class Adapter(nn.Module):
         """Hook: the base weight was modified (a merge/unmerge); drop caches derived from it."""
 
 
-class AdaptedLayer(nn.Module):
+class AdaptedLayer(PeftlabModule, nn.Module):
     """A base module and its adapters. Attribute lookups fall through to the base (weight, in_features, ...)."""
-    is_peftlab_wrapper = True
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -190,9 +199,8 @@ class AdaptedLayer(nn.Module):
         return forward_generic(self.adapters, self.base_layer, x, base, groups)
 
 
-class ModulesToSave(nn.Module):
+class ModulesToSave(PeftlabModule, nn.Module):
     """A trainable copy of a module per adapter (HF PEFT's modules_to_save, e.g. a classification head)."""
-    is_peftlab_wrapper = True
 
     def __init__(self, original: nn.Module):
         super().__init__()

@@ -17,7 +17,7 @@ import torch.nn as nn
 from .config import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, PeftConfig
 from .io import load_tensors, save_tensors
 from .loading import check_keys, check_shape, copy_checked
-from .layer import ModulesToSave
+from .layer import ModulesToSave, PeftlabModule
 from .registry import get_tuner, registered_peft_types
 from .siblings import SiblingFusion
 from .tuner import ABSOLUTE_KEY, adapted_layers, set_submodule
@@ -121,7 +121,7 @@ class PeftModel(nn.Module):
             return
         model = self.model
         found = False
-        wrappers = [w for w, m in model.named_modules() if w and getattr(m, "is_peftlab_wrapper", False)]
+        wrappers = [w for w, m in model.named_modules() if w and isinstance(m, PeftlabModule)]
         for full, module in list(model.named_modules()):
             if any(full.startswith(w + ".") for w in wrappers):
                 continue  # never wrap the insides of an adapted layer or of another head copy

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .config import PeftConfig
+from .layer import PeftlabModule
 from .loading import check_shape
 from .tuner import Tuner
 from ..hf.modules import pooling_of
@@ -78,9 +79,8 @@ def fill_model_dims(cfg, model: nn.Module, kv_prefix: bool) -> None:
         cfg.encoder_hidden_size = cfg.token_dim
 
 
-class PromptEncoders(nn.ModuleDict):
+class PromptEncoders(PeftlabModule, nn.ModuleDict):
     """`model.prompt_encoder`: one encoder per adapter name. Target matching never looks inside it."""
-    is_peftlab_wrapper = True
     disabled = False
 
 

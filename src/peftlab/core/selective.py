@@ -24,6 +24,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn as nn
 
+from .layer import AdaptedLayer
 from .loading import check_shape, mismatch
 from .tuner import Tuner
 
@@ -242,7 +243,7 @@ def _set_hooks(module: nn.Module) -> None:
 def innermost(model: nn.Module, name: str) -> tuple[str, nn.Module]:
     """Selective methods act on the real module, never on a peftlab wrapper around it."""
     module = model.get_submodule(name)
-    while getattr(module, "is_peftlab_wrapper", False) and hasattr(module, "base_layer"):
+    while isinstance(module, AdaptedLayer):
         name, module = f"{name}.base_layer", module.base_layer
     return name, module
 

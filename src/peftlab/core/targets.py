@@ -13,6 +13,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch.nn as nn
 
+from .layer import PeftlabModule, unwrapped
 from ..hf.defaults import SEQ_CLS_HEAD_NAMES, default_targets
 
 ALL_LINEAR = "all-linear"
@@ -27,7 +28,7 @@ def _conv1d_cls():
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    module = getattr(module, "base_layer", module)  # an already-adapted linear still counts as linear
+    module = unwrapped(module)
     conv1d = _conv1d_cls()
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
@@ -38,7 +39,7 @@ def linear_features(method: str, layer: nn.Module, module_name: str) -> tuple[in
     if not is_linear_like(layer):
         raise ValueError(f"{method} cannot adapt {module_name} ({type(layer).__name__}); it supports nn.Linear "
                          f"and transformers' Conv1D. Leave it out of target_modules (or use exclude_modules)")
-    layer = getattr(layer, "base_layer", layer)
+    layer = unwrapped(layer)
     conv1d = not isinstance(layer, nn.Linear)
     w = layer.weight
     return (w.shape[0], w.shape[1], True) if conv1d else (w.shape[1], w.shape[0], False)
@@ -104,7 +105,7 @@ def resolve_targets(model: nn.Module, config, *, module_filter=is_linear_like,
     if isinstance(layers, list) and not layers:
         layers = None
     # Never target the insides of our own wrappers (an adapter's base_layer, its lora_A, a saved head copy).
-    wrappers = [n for n, m in model.named_modules() if getattr(m, "is_peftlab_wrapper", False)]
+    wrappers = [n for n, m in model.named_modules() if isinstance(m, PeftlabModule)]
     matched = []
     for name, module in model.named_modules():
         if not name or name in skip or any(name.startswith(w + ".") for w in wrappers):

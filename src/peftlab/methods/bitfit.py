@@ -16,6 +16,7 @@ from typing import Optional, Union
 import torch.nn as nn
 
 from ..core.config import PeftConfig
+from ..core.layer import PeftlabModule
 from ..core.registry import MethodInfo, register_method, register_tuner
 from ..core.selective import SLOT, Selection, SelectiveTuner, innermost
 from ..core.targets import is_linear_like, output_head_names, resolve_targets
@@ -58,7 +59,7 @@ class BitFitTuner(SelectiveTuner):
         out, seen = [], set()
         for name in names:
             name, module = innermost(model, name)
-            if id(module) in seen or getattr(module, "is_peftlab_wrapper", False):
+            if id(module) in seen or isinstance(module, PeftlabModule):
                 continue
             seen.add(id(module))
             if isinstance(module._parameters.get("bias"), nn.Parameter):
