@@ -19,7 +19,7 @@ from common import (base_model, env_line, interleaved, make_adapted, print_table
 import torch  # noqa: E402
 
 TARGETS = {"peftlab LoRA unmerged": "≤ 1.08", "peftlab LoRA merged": "≤ 1.02", "peftlab 8-adapter mixed": "≤ 1.15",
-           "HF PEFT LoRA unmerged": "(1.20 in DESIGN.md)", "HF PEFT 8-adapter mixed": "(1.48 in DESIGN.md)"}
+           "HF PEFT LoRA unmerged": "(1.20 in docs/DESIGN.md)", "HF PEFT 8-adapter mixed": "(1.48 in docs/DESIGN.md)"}
 
 
 def forward(model, batch, **extra):

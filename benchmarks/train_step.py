@@ -23,8 +23,8 @@ from common import (base_model, body_step, env_line, frozen_copy, input_grad_hoo
                     make_adapted, print_table, setup_torch, token_batch, train_step)
 import torch  # noqa: E402
 
-TARGETS = {"peftlab LoRA": "≤ 1.10", "peftlab DoRA": "≤ 1.20", "HF PEFT LoRA": "(1.23 in DESIGN.md)",
-           "HF PEFT DoRA": "(1.57 in DESIGN.md)"}
+TARGETS = {"peftlab LoRA": "≤ 1.10", "peftlab DoRA": "≤ 1.20", "HF PEFT LoRA": "(1.23 in docs/DESIGN.md)",
+           "HF PEFT DoRA": "(1.57 in docs/DESIGN.md)"}
 
 
 SPEC = {"peftlab LoRA": ("peftlab", "lora"), "HF PEFT LoRA": ("peft", "lora"),

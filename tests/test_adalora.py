@@ -1,5 +1,5 @@
 """AdaLoRA: HF PEFT interop both ways (also after rank pruning), the allocator against PEFT's RankAllocator on the
-same gradients, and the budget schedule / masking / orthogonality loss against METHODS.md's equations."""
+same gradients, and the budget schedule / masking / orthogonality loss against docs/METHODS.md's equations."""
 from __future__ import annotations
 
 import warnings

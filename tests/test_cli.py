@@ -53,7 +53,7 @@ def test_help_for_every_command(capsys):
     assert proc.returncode == 0
     for flag in ("--model", "--method", "--task", "--data", "--eval-data", "--output", "--steps", "--epochs", "--lr",
                  "--batch-size", "--r", "--config", "--resume", "--nproc"):
-        assert flag in out, flag  # the flags DESIGN.md fixes
+        assert flag in out, flag  # the flags docs/DESIGN.md documents
 
 
 def test_methods_and_models_json(capsys):

@@ -1,4 +1,4 @@
-"""The `peftlab` command line: methods, models, train, eval, merge (DESIGN.md, "The command line").
+"""The `peftlab` command line: methods, models, train, eval, merge (docs/DESIGN.md, "The command line").
 
 Every command takes --json (its metrics as one JSON object on the last line of stdout; human-readable lines go
 to stderr then) and --config FILE.yaml, whose keys mirror the long flags (`batch-size: 16` or `batch_size: 16`;

@@ -407,18 +407,22 @@ class PeftModel(nn.Module):
             cfg = self.peft_config[name]
             tensors = self.adapter_state_dict(name)
             if path_initial_model_for_weight_conversion is not None:
-                if not self._tuner(name).converts_to_plain:
-                    raise ValueError(
-                        f"save_pretrained(path_initial_model_for_weight_conversion=...): adapter {name!r} is "
-                        f"{cfg.peft_type}, which has no conversion to a plain adapter (it trains against the "
-                        f"unchanged base, so save it without that argument); conversion exists for "
-                        f"{', '.join(_tuner_types(lambda t: t.converts_to_plain))} adapters initialised by PiSSA or CorDA")
-                tensors, cfg = self._tuner(name).convert_to_plain(
-                    tensors, cfg, load_tensors(Path(path_initial_model_for_weight_conversion) / WEIGHTS_NAME))
+                tensors, cfg = self._convert_to_plain(name, tensors, Path(path_initial_model_for_weight_conversion))
             out = root if name == "default" else root / name
             out.mkdir(parents=True, exist_ok=True)
             save_tensors(out / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
             cfg.save_pretrained(out)
+
+    def _convert_to_plain(self, name: str, tensors: dict, initial_dir: Path) -> tuple[dict, PeftConfig]:
+        """PiSSA/CorDA adapters as plain adapters for the original base (save_pretrained's conversion)."""
+        cfg, tuner = self.peft_config[name], self._tuner(name)
+        if not tuner.converts_to_plain:
+            raise ValueError(
+                f"save_pretrained(path_initial_model_for_weight_conversion=...): adapter {name!r} is "
+                f"{cfg.peft_type}, which has no conversion to a plain adapter (it trains against the unchanged "
+                f"base, so save it without that argument); conversion exists for "
+                f"{', '.join(_tuner_types(lambda t: t.converts_to_plain))} adapters initialised by PiSSA or CorDA")
+        return tuner.convert_to_plain(tensors, cfg, load_tensors(initial_dir / WEIGHTS_NAME))
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",

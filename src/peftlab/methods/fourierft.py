@@ -2,7 +2,7 @@
 
 Positions: the first n of a seeded randperm over d_out·d_in (row = idx // d_in, col = idx % d_in); computed in fp32
 (ifft2 has no half-precision kernel). HF PEFT's FourierFTConfig (its default init_weights=False draws the
-coefficients from N(0,1); the registered method "fourierft" starts them at zero, as METHODS.md specifies, so the
+coefficients from N(0,1); the registered method "fourierft" starts them at zero, as docs/METHODS.md specifies, so the
 model is unchanged at step 0) and file layout (`fourierft_spectrum` per layer; positions are not saved).
 """
 from __future__ import annotations

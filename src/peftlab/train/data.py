@@ -1,6 +1,6 @@
 """Training data: the user's JSONL, tokenisation (loss on completions only), chat templates, collators, label names.
 
-Three record formats, one per file (DESIGN.md):
+Three record formats, one per file (docs/DESIGN.md, "The command line"):
   {"prompt": str, "completion": str}   causal LM; the loss is on the completion (and the EOS that ends it)
   {"text": str}                        causal LM; the loss is on every token
   {"text": str, "label": str|int}      classification; the label names are saved beside the adapter (labels.json)
