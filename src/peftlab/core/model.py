@@ -14,25 +14,14 @@ from typing import Iterator, Optional
 import torch
 import torch.nn as nn
 
-from .config import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, PeftConfig
-from .io import load_tensors, save_tensors
-from .loading import check_keys, check_shape, copy_checked
+from . import adapter_files as files
+from .adapter_files import check_adapter_name, tuner_types
+from .config import PeftConfig
 from .layer import ModulesToSave, PeftlabModule
-from .registry import get_tuner, registered_peft_types
+from .registry import get_tuner
 from .siblings import SiblingFusion
-from .tuner import ABSOLUTE_KEY, adapted_layers, set_submodule
+from .tuner import adapted_layers, set_submodule
 from ..hf.defaults import SEQ_CLS_HEAD_NAMES
-
-PREFIX = "base_model.model."
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
-
-
-def check_adapter_name(name: str) -> str:
-    """Adapter names become folder names on save: refuse anything that could escape the save directory."""
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in {".", ".."}:
-        raise ValueError(f"invalid adapter name {name!r}: use letters, digits, '_' and '-' only "
-                         f"(no path separators, dots or '..'; the name becomes a folder name when saving)")
-    return name
 
 
 class AdaptedModel(nn.Module):
@@ -311,7 +300,7 @@ class PeftModel(nn.Module):
         tuner = self._tuner(adapters[0])
         if not tuner.supports_weighted_combination:
             raise ValueError(f"add_weighted_adapter: {types[0]} adapters cannot be combined (only "
-                             f"{', '.join(_tuner_types(lambda t: t.supports_weighted_combination))} support weighted "
+                             f"{', '.join(tuner_types(lambda t: t.supports_weighted_combination))} support weighted "
                              f"combinations)")
         tuner.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
@@ -370,130 +359,43 @@ class PeftModel(nn.Module):
         t, n = self.get_nb_trainable_parameters()
         print(f"trainable params: {t:,d} || all params: {n:,d} || trainable%: {100 * t / n:.4f}")
 
-    # -- saving and loading -----------------------------------------------------------------------------
+    # -- saving and loading: HF PEFT's files (core/adapter_files.py) -------------------------------------------
     def adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
         """The tensors of one adapter under HF PEFT's saved key names."""
-        cfg = self.peft_config[adapter_name]
-        tuner = self._tuner(adapter_name)
-        state = tuner.export_state(self.model, adapter_name, cfg)
-        prefix = _key_prefix(tuner)
-        if tuner.is_prompt_learning:
-            out = dict(state)  # HF PEFT: the bare `prompt_embeddings`
-        else:
-            out = {k[len(ABSOLUTE_KEY):] if k.startswith(ABSOLUTE_KEY) else PREFIX + k: v for k, v in state.items()}
-        for name, wrapper in self._modules_to_save():
-            if adapter_name in wrapper.copies:
-                for k, v in wrapper.copies[adapter_name].state_dict().items():
-                    out[f"{prefix}{name}.{k}"] = v
-        for k, p in self._bias_parameters(cfg, adapter_name).items():
-            out[prefix + k] = p
-        return out
+        return files.adapter_state_dict(self, adapter_name)
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Optional[list[str]] = None,
                         safe_serialization: bool = True, is_main_process: bool = True,
                         path_initial_model_for_weight_conversion: Optional[str] = None, **_ignored) -> None:
         if not safe_serialization:
             raise ValueError("peftlab writes safetensors only (pickle files can execute code when loaded)")
-        if not is_main_process:
-            return
-        root = Path(save_directory)
-        if root.exists() and not root.is_dir():
-            raise ValueError(f"save_directory {root} exists and is a file")
-        names = selected_adapters or list(self.peft_config)
-        for name in names:
-            check_adapter_name(name)
-            if name not in self.peft_config:
-                raise ValueError(f"no adapter named {name!r} to save; this model has {list(self.peft_config)}")
-            cfg = self.peft_config[name]
-            tensors = self.adapter_state_dict(name)
-            if path_initial_model_for_weight_conversion is not None:
-                tensors, cfg = self._convert_to_plain(name, tensors, Path(path_initial_model_for_weight_conversion))
-            out = root if name == "default" else root / name
-            out.mkdir(parents=True, exist_ok=True)
-            save_tensors(out / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-            cfg.save_pretrained(out)
-
-    def _convert_to_plain(self, name: str, tensors: dict, initial_dir: Path) -> tuple[dict, PeftConfig]:
-        """PiSSA/CorDA adapters as plain adapters for the original base (save_pretrained's conversion)."""
-        cfg, tuner = self.peft_config[name], self._tuner(name)
-        if not tuner.converts_to_plain:
-            raise ValueError(
-                f"save_pretrained(path_initial_model_for_weight_conversion=...): adapter {name!r} is "
-                f"{cfg.peft_type}, which has no conversion to a plain adapter (it trains against the unchanged "
-                f"base, so save it without that argument); conversion exists for "
-                f"{', '.join(_tuner_types(lambda t: t.converts_to_plain))} adapters initialised by PiSSA or CorDA")
-        return tuner.convert_to_plain(tensors, cfg, load_tensors(initial_dir / WEIGHTS_NAME))
+        if is_main_process:
+            files.save_adapters(self, Path(save_directory), selected_adapters or list(self.peft_config),
+                                path_initial_model_for_weight_conversion)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, config: Optional[PeftConfig] = None, **_ignored) -> "PeftModel":
-        directory = _adapter_dir(model_id)
+        directory = files.adapter_dir(model_id)
         cfg = config if config is not None else PeftConfig.from_pretrained(directory)
         cfg = cfg.replace(inference_mode=not is_trainable)
         peft_model = cls(model, cfg, adapter_name)
-        peft_model._load_weights(directory, adapter_name)
+        files.load_adapter_state(peft_model, adapter_name, files.read_weights(directory))
         if not is_trainable:
             peft_model.eval()
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      **_ignored) -> None:
-        directory = _adapter_dir(model_id)
+        directory = files.adapter_dir(model_id)
         cfg = PeftConfig.from_pretrained(directory).replace(inference_mode=not is_trainable)
         self.add_adapter(adapter_name, cfg)
         try:
-            self._load_weights(directory, adapter_name)
+            files.load_adapter_state(self, adapter_name, files.read_weights(directory))
         except Exception:
             self.delete_adapter(adapter_name)  # never leave a half-loaded adapter behind
             raise
         self._refresh()
-
-    def _load_weights(self, directory: Path, adapter_name: str) -> None:
-        path = directory / WEIGHTS_NAME
-        if not path.is_file() and (directory / LEGACY_WEIGHTS_NAME).is_file():
-            path = directory / LEGACY_WEIGHTS_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}: the adapter weights are "
-                                    f"missing")
-        cfg = self.peft_config[adapter_name]
-        tuner = self._tuner(adapter_name)
-        prefix = _key_prefix(tuner)
-        tensors = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in load_tensors(path).items()}
-        model = self.model
-        # Trained biases and heads (modules_to_save) come first; the rest belongs to the tuner.
-        biases = self._bias_parameters(cfg, adapter_name)
-        for k in list(tensors):
-            if k in biases:
-                copy_checked(k.rsplit(".", 1)[0], {k: tensors.pop(k)}, {k: biases[k]})
-        for name, wrapper in self._modules_to_save():
-            if adapter_name not in wrapper.copies:
-                continue
-            own = wrapper.copies[adapter_name].state_dict()
-            part = {k[len(name) + 1:]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")}
-            check_keys(name, part, own)
-            for k, t in part.items():
-                check_shape(name, k, t, own[k])
-            wrapper.copies[adapter_name].load_state_dict(part)
-        tuner.import_state(model, adapter_name, cfg, tensors)
-
-
-def _tuner_types(declares) -> list[str]:
-    """The peft_types whose tuner declares a capability (`declares(tuner)` is True), for error messages."""
-    return [t for t in registered_peft_types() if declares(get_tuner(t))]
-
-
-def _key_prefix(tuner) -> str:
-    # HF PEFT keeps the Transformers model itself at `base_model` for prompt methods, so their heads are saved
-    # as base_model.<head>.<param>; every other method has it at base_model.model.
-    return "base_model." if tuner.is_prompt_learning else PREFIX
-
-
-def _adapter_dir(model_id: str | os.PathLike) -> Path:
-    directory = Path(model_id)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"adapter directory {directory} does not exist (peftlab loads adapters from local "
-                                f"directories holding {CONFIG_NAME} and {WEIGHTS_NAME})")
-    return directory
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_ignored) -> PeftModel:
