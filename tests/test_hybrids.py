@@ -211,6 +211,20 @@ def test_registered_as_hybrids():
         peftlab.UniPeltConfig(num_virtual_tokens=0)
 
 
+@pytest.mark.parametrize("cls", ["MamConfig", "UniPeltConfig"])
+def test_prefix_part_checked_as_prefix_tuning(cls):
+    with pytest.raises(ValueError, match="init_weights"):
+        getattr(peftlab, cls)(init_weights="zeros")
+
+
+def test_unipelt_target_modules_move_only_its_lora():
+    """target_modules is LoRA's: the gated adapter stays after every FFN (it once followed the LoRA targets)."""
+    layer = _unipelt(target_modules=["q_proj"]).model.model.layers[0]
+    assert type(layer.self_attn.q_proj.adapters["default"]).__name__ == "GatedLora"
+    assert not hasattr(layer.self_attn.v_proj, "adapters")
+    assert layer.mlp.down_proj.adapters["default"].adapter_gate is not None
+
+
 # adapter_config.json's keys and defaults as MAM and UniPELT wrote them while each config declared its own prefix and
 # bottleneck fields (before they composed PrefixFields and BottleneckFields): frozen, so that files saved then load
 # and files saved now are the same

@@ -25,15 +25,15 @@ class PrefixFields(PromptLearningConfig):
     encoder_hidden_size: Optional[int] = None   # width of the reparametrisation MLP; defaults to token_dim
     prefix_projection: bool = False             # train through the MLP (Li & Liang); folded away on save
 
-
-@dataclass
-class PrefixTuningConfig(PrefixFields):
-    peft_type: str = "PREFIX_TUNING"
-
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.init_weights not in (None, "zero"):
             raise ValueError(f"init_weights must be None or 'zero', got {self.init_weights!r}")
+
+
+@dataclass
+class PrefixTuningConfig(PrefixFields):
+    peft_type: str = "PREFIX_TUNING"
 
 
 def make_prefix_encoder(cfg: PrefixFields) -> VirtualTokenEncoder:

@@ -53,10 +53,8 @@ class UniPeltConfig(BottleneckFields, PrefixFields):
             raise ValueError(f"r must be a positive integer, got {self.r}")
 
     def adapter_config(self) -> BottleneckConfig:
-        # target_modules (LoRA's) also reaches the adapter, which then sits on the LoRA targets instead of after
-        # the FFN: kept as it was here, fixed separately
-        return as_bottleneck_config(self, adapter_type="sequential", placement="ffn",
-                                    target_modules=self.target_modules)
+        # target_modules is LoRA's: the adapter sits after every FFN whatever LoRA targets
+        return as_bottleneck_config(self, adapter_type="sequential", placement="ffn")
 
 
 def _gate(d: int) -> nn.Linear:
