@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
 
 import peftlab
 from conftest import tiny_bert, tiny_llama, token_batch
+from peftlab.core.config import PEFT_FORMAT_VERSION, PeftConfig
 from peftlab.core.prompt import SAVED_KEY, encoders, prefix_cache
 from peftlab.methods.unipelt import PrefixGate
 
@@ -207,3 +209,42 @@ def test_registered_as_hybrids():
         peftlab.MamConfig(bottleneck_size=0)
     with pytest.raises(ValueError, match="num_virtual_tokens"):
         peftlab.UniPeltConfig(num_virtual_tokens=0)
+
+
+@pytest.mark.parametrize("cls", ["MamConfig", "UniPeltConfig"])
+def test_prefix_part_checked_as_prefix_tuning(cls):
+    with pytest.raises(ValueError, match="init_weights"):
+        getattr(peftlab, cls)(init_weights="zeros")
+
+
+def test_unipelt_target_modules_move_only_its_lora():
+    """target_modules is LoRA's: the gated adapter stays after every FFN (it once followed the LoRA targets)."""
+    layer = _unipelt(target_modules=["q_proj"]).model.model.layers[0]
+    assert type(layer.self_attn.q_proj.adapters["default"]).__name__ == "GatedLora"
+    assert not hasattr(layer.self_attn.v_proj, "adapters")
+    assert layer.mlp.down_proj.adapters["default"].adapter_gate is not None
+
+
+# adapter_config.json's keys and defaults as MAM and UniPELT wrote them while each config declared its own prefix and
+# bottleneck fields (before they composed PrefixFields and BottleneckFields): frozen, so that files saved then load
+# and files saved now are the same
+_PARTS = dict(auto_mapping=None, base_model_name_or_path=None, inference_mode=False, peft_version=PEFT_FORMAT_VERSION,
+              revision=None, task_type=None, modules_to_save=None, token_dim=None, num_attention_heads=None,
+              num_layers=None, num_transformer_submodules=None, init_weights=None, prefix_projection=True,
+              encoder_hidden_size=512, non_linearity="relu", adapter_dropout=0.0, layers_to_transform=None)
+_SAVED_BEFORE = {
+    "MAM": dict(_PARTS, peft_type="MAM", num_virtual_tokens=30, bottleneck_size=512, scaling=4.0),
+    "UNIPELT": dict(_PARTS, peft_type="UNIPELT", num_virtual_tokens=10, bottleneck_size=48, scaling=1.0, r=8,
+                    lora_alpha=8, lora_dropout=0.0, target_modules=None),
+}
+
+
+@pytest.mark.parametrize("peft_type", sorted(_SAVED_BEFORE))
+def test_config_file_keys_and_defaults_unchanged(peft_type):
+    saved = _SAVED_BEFORE[peft_type]
+    assert PeftConfig.from_dict({"peft_type": peft_type}).to_dict() == saved
+    filled = dict(saved, inference_mode=True, token_dim=16, num_attention_heads=2, num_layers=2,
+                  num_transformer_submodules=1, non_linearity="gelu", layers_to_transform=[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unknown key would be dropped with a warning
+        assert PeftConfig.from_dict(filled).to_dict() == filled

@@ -9,8 +9,9 @@ down and up, so there is no weight to fold it into (inference pays for the extra
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -27,21 +28,36 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.Si
 
 
 @dataclass
-class BottleneckConfig(PeftConfig):
-    peft_type: str = "BOTTLENECK"
-    adapter_type: str = "sequential"          # "sequential" (Houlsby) or "parallel" (He et al.)
+class BottleneckFields(PeftConfig):
+    """A bottleneck adapter's size, activation, scale and layers: BottleneckConfig's fields bar the layout
+    (adapter_type, placement, target_modules). MAM and UniPELT compose these fields and fix the layout, handing
+    `as_bottleneck_config(config, **layout)` to inject_bottlenecks."""
     bottleneck_size: int = 64
     non_linearity: str = "relu"
-    placement: str = "both"                   # sequential only: after "attention", "ffn" or "both"
     scaling: float = 1.0
     adapter_dropout: float = 0.0
-    target_modules: Optional[Union[list[str], str]] = None  # sequential only: explicit modules instead of the table
     layers_to_transform: Optional[Union[list[int], int]] = None
     modules_to_save: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_bottleneck_fields(self)
+        if self.bottleneck_size <= 0:
+            raise ValueError(f"bottleneck_size must be a positive integer, got {self.bottleneck_size}")
+        if self.non_linearity not in ACTIVATIONS:
+            raise ValueError(f"non_linearity {self.non_linearity!r} is not one of {', '.join(ACTIVATIONS)}")
+        if not 0.0 <= self.adapter_dropout < 1.0:
+            raise ValueError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
+
+
+@dataclass
+class BottleneckConfig(BottleneckFields):
+    peft_type: str = "BOTTLENECK"
+    adapter_type: str = "sequential"          # "sequential" (Houlsby) or "parallel" (He et al.)
+    placement: str = "both"                   # sequential only: after "attention", "ffn" or "both"
+    target_modules: Optional[Union[list[str], str]] = None  # sequential only: explicit modules instead of the table
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.adapter_type not in ("sequential", "parallel"):
             raise ValueError(f"adapter_type must be 'sequential' or 'parallel', got {self.adapter_type!r}")
         if self.placement not in ("attention", "ffn", "both"):
@@ -51,14 +67,11 @@ class BottleneckConfig(PeftConfig):
                              "beside the feed-forward block (see peftlab.hf.modules)")
 
 
-def check_bottleneck_fields(cfg) -> None:
-    """Field checks shared by every config that carries a bottleneck adapter (also MAM and UniPELT)."""
-    if cfg.bottleneck_size <= 0:
-        raise ValueError(f"bottleneck_size must be a positive integer, got {cfg.bottleneck_size}")
-    if cfg.non_linearity not in ACTIVATIONS:
-        raise ValueError(f"non_linearity {cfg.non_linearity!r} is not one of {', '.join(ACTIVATIONS)}")
-    if not 0.0 <= cfg.adapter_dropout < 1.0:
-        raise ValueError(f"adapter_dropout must be in [0, 1), got {cfg.adapter_dropout}")
+def as_bottleneck_config(cfg: BottleneckFields, **layout: Any) -> BottleneckConfig:
+    """cfg's bottleneck fields as a BottleneckConfig laid out as `layout` says (adapter_type, placement): the
+    adapter part of a hybrid config."""
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(BottleneckFields) if f.name != "peft_type"}
+    return BottleneckConfig(**shared, **layout)
 
 
 def _not_mergeable(*_):
@@ -139,7 +152,7 @@ def adapted(model: nn.Module, name: str) -> AdaptedLayer:
     return module
 
 
-def adapter_sites(model: nn.Module, cfg) -> list[tuple[Optional[str], str]]:
+def adapter_sites(model: nn.Module, cfg: BottleneckConfig) -> list[tuple[Optional[str], str]]:
     """(module whose input the adapter reads or None for its own output, module whose output it adds to)."""
     layers = cfg.layers_to_transform
     layers = [layers] if isinstance(layers, int) else layers
@@ -149,15 +162,15 @@ def adapter_sites(model: nn.Module, cfg) -> list[tuple[Optional[str], str]]:
         if len(reads) != len(writes):
             raise ValueError(f"module table mismatch: {len(reads)} '{lay.ffn_in}' vs {len(writes)} '{lay.ffn_out}'")
         return list(zip(reads, writes))
-    if getattr(cfg, "target_modules", None) is not None:
+    if cfg.target_modules is not None:
         return [(None, n) for n in resolve_targets(model, cfg)]
     lay = layout_of(model)
     suffixes = {"attention": [lay.attn_out], "ffn": [lay.ffn_out], "both": [lay.attn_out, lay.ffn_out]}
     return [(None, n) for s in suffixes[cfg.placement] for n in block_modules(model, s, layers)]
 
 
-def inject_bottlenecks(model: nn.Module, cfg, adapter_name: str, gate: bool = False) -> None:
-    """Add one bottleneck adapter per site (MAM and UniPELT reuse this with their own configs)."""
+def inject_bottlenecks(model: nn.Module, cfg: BottleneckConfig, adapter_name: str, gate: bool = False) -> None:
+    """Add one bottleneck adapter per site (MAM and UniPELT too, with their adapter_config())."""
     for read, write in adapter_sites(model, cfg):
         slot = None
         if read is not None:

@@ -2,48 +2,35 @@
 tuning on attention + a scaled parallel bottleneck adapter beside every feed-forward block.
 
 Paper setting: 30 prefix tokens trained through a reparametrisation MLP (folded away when saved), parallel
-adapter bottleneck 512 with scale 4. The pieces are prefix.py's encoder and adapters.py's parallel adapter;
-`PrefixAndLayersTuner` (also used by UniPELT) joins a prefix and layer adapters under one adapter name.
+adapter bottleneck 512 with scale 4. The config composes prefix.py's PrefixFields and adapters.py's
+BottleneckFields (the same fields, MAM's defaults); `PrefixAndLayersTuner` (also used by UniPELT) joins a prefix
+and layer adapters under one adapter name.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
-from ..core.config import PeftConfig
-from ..core.prompt import SAVED_KEY, check_virtual_tokens
+from ..core.prompt import SAVED_KEY
 from ..core.registry import MethodInfo, register_method, register_tuner
 from ..core.tuner import Tuner
-from .adapters import BottleneckTuner, check_bottleneck_fields, inject_bottlenecks
-from .prefix import PrefixTuner
+from .adapters import BottleneckConfig, BottleneckFields, BottleneckTuner, as_bottleneck_config
+from .prefix import PrefixFields, PrefixTuner
 
 
+# Bases in this order put the prefix part first, in the fields and in the checks (each part checks after super()).
 @dataclass
-class MamConfig(PeftConfig):
+class MamConfig(BottleneckFields, PrefixFields):
     peft_type: str = "MAM"
-    # prefix tuning on attention (PrefixTuningConfig's fields)
+    # the paper's setting; every other field keeps prefix tuning's or the bottleneck adapter's default
     num_virtual_tokens: int = 30
     prefix_projection: bool = True
     encoder_hidden_size: Optional[int] = 512
-    init_weights: Optional[str] = None
-    token_dim: Optional[int] = None              # filled from the model, as for prefix tuning
-    num_attention_heads: Optional[int] = None
-    num_layers: Optional[int] = None
-    num_transformer_submodules: Optional[int] = None
-    # parallel adapter beside the FFN (BottleneckConfig's fields)
     bottleneck_size: int = 512
-    non_linearity: str = "relu"
     scaling: float = 4.0
-    adapter_dropout: float = 0.0
-    layers_to_transform: Optional[Union[list[int], int]] = None
-    modules_to_save: Optional[list[str]] = None
 
-    adapter_type = "parallel"  # read by adapters.adapter_sites; not a config field
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_virtual_tokens(self)
-        check_bottleneck_fields(self)
+    def adapter_config(self) -> BottleneckConfig:
+        return as_bottleneck_config(self, adapter_type="parallel")  # beside every feed-forward block
 
 
 class PrefixAndLayersTuner(Tuner):
@@ -54,7 +41,7 @@ class PrefixAndLayersTuner(Tuner):
     rewrites_inputs = True  # the prefix joins every forward's key/value cache
 
     def inject_layers(self, model, config, adapter_name) -> None:
-        raise NotImplementedError
+        self.layers.inject(model, config.adapter_config(), adapter_name)
 
     def inject(self, model, config, adapter_name):
         self.prefix.inject(model, config, adapter_name)
@@ -100,8 +87,7 @@ class PrefixAndLayersTuner(Tuner):
 
 @register_tuner("MAM", MamConfig)
 class MamTuner(PrefixAndLayersTuner):
-    def inject_layers(self, model, config, adapter_name):
-        inject_bottlenecks(model, config, adapter_name)
+    """The prefix and the config's parallel adapter, as PrefixAndLayersTuner joins them."""
 
 
 register_method(MethodInfo("mam", MamConfig, category="hybrid", kind="input", mergeable=False,

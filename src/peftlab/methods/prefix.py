@@ -18,8 +18,9 @@ from ..core.registry import MethodInfo, register_method, register_tuner
 
 
 @dataclass
-class PrefixTuningConfig(PromptLearningConfig):
-    peft_type: str = "PREFIX_TUNING"
+class PrefixFields(PromptLearningConfig):
+    """A key/value prefix's settings: PrefixTuningConfig's fields, which MAM and UniPELT compose as well. The
+    config itself is the prefix's (not a copy): injecting fills its model dimensions in, and they are saved."""
     init_weights: Optional[str] = None          # None: N(0, 1) as nn.Embedding; "zero": zero keys and values
     encoder_hidden_size: Optional[int] = None   # width of the reparametrisation MLP; defaults to token_dim
     prefix_projection: bool = False             # train through the MLP (Li & Liang); folded away on save
@@ -30,8 +31,13 @@ class PrefixTuningConfig(PromptLearningConfig):
             raise ValueError(f"init_weights must be None or 'zero', got {self.init_weights!r}")
 
 
-def make_prefix_encoder(cfg) -> VirtualTokenEncoder:
-    """Prefix encoder for any config with PrefixTuningConfig's fields (MAM and UniPELT reuse it)."""
+@dataclass
+class PrefixTuningConfig(PrefixFields):
+    peft_type: str = "PREFIX_TUNING"
+
+
+def make_prefix_encoder(cfg: PrefixFields) -> VirtualTokenEncoder:
+    """The prefix's (n, num_layers·2·token_dim) table, behind the reparametrisation MLP when prefix_projection."""
     n, d, width = cfg.num_virtual_tokens, cfg.token_dim, cfg.num_layers * 2 * cfg.token_dim
     if cfg.prefix_projection and not cfg.inference_mode:
         head = nn.Sequential(nn.Linear(d, cfg.encoder_hidden_size), nn.Tanh(), nn.Linear(cfg.encoder_hidden_size, width))
@@ -40,7 +46,7 @@ def make_prefix_encoder(cfg) -> VirtualTokenEncoder:
     else:
         enc = VirtualTokenEncoder(n, width)
         last = enc.embedding
-    if getattr(cfg, "init_weights", None) == "zero":
+    if cfg.init_weights == "zero":
         for p in last.parameters():
             nn.init.zeros_(p)
     return enc

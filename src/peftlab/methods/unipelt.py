@@ -9,7 +9,8 @@ Deliberate differences from the reference code (which targets encoders): every g
 the mean over the sequence, so a causal LM's token t never sees tokens after t and generate() with a KV cache
 computes exactly what a full forward does; and the prefix gate scales the prefix's share of attention rather
 than multiplying P_K and P_V. LoRA keeps lora_alpha/r (default alpha = r: the gate is the whole scale, as in
-the reference). Pieces reused: LoraLinear (lora.py), the gated Bottleneck (adapters.py), prefix.py's encoder.
+the reference). Pieces reused: LoraLinear (lora/layers.py), the gated Bottleneck (adapters.py), prefix.py's
+encoder; the config composes prefix.py's PrefixFields and adapters.py's BottleneckFields with LoRA's fields.
 """
 from __future__ import annotations
 
@@ -20,51 +21,40 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.config import PeftConfig
 from ..core.layer import Adapter
-from ..core.prompt import SAVED_KEY, check_virtual_tokens, encoders
+from ..core.prompt import SAVED_KEY, encoders
 from ..core.registry import MethodInfo, register_method, register_tuner
 from ..core.targets import resolve_targets
 from ..hf.modules import block_modules, layout_of
-from .adapters import adapted, check_bottleneck_fields, inject_bottlenecks
+from .adapters import BottleneckConfig, BottleneckFields, adapted, as_bottleneck_config, inject_bottlenecks
 from .lora.layers import LoraLinear, lora_scale
 from .mam import PrefixAndLayersTuner
+from .prefix import PrefixFields
 
 
+# Bases in MamConfig's order, for the same reason.
 @dataclass
-class UniPeltConfig(PeftConfig):
+class UniPeltConfig(BottleneckFields, PrefixFields):
     peft_type: str = "UNIPELT"
     # gated LoRA (default targets as LoRA's: q_proj/v_proj, query/value)
     r: int = 8
     lora_alpha: int = 8
     lora_dropout: float = 0.0
     target_modules: Optional[Union[list[str], str]] = None
-    # gated prefix (PrefixTuningConfig's fields)
+    # gated prefix and gated adapter: UniPELT's defaults; every other field keeps its part's default
     num_virtual_tokens: int = 10
     prefix_projection: bool = True
     encoder_hidden_size: Optional[int] = 512
-    init_weights: Optional[str] = None
-    token_dim: Optional[int] = None
-    num_attention_heads: Optional[int] = None
-    num_layers: Optional[int] = None
-    num_transformer_submodules: Optional[int] = None
-    # gated sequential adapter after the FFN (BottleneckConfig's fields)
     bottleneck_size: int = 48
-    non_linearity: str = "relu"
-    scaling: float = 1.0
-    adapter_dropout: float = 0.0
-    layers_to_transform: Optional[Union[list[int], int]] = None
-    modules_to_save: Optional[list[str]] = None
-
-    adapter_type = "sequential"  # read by adapters.adapter_sites; not config fields
-    placement = "ffn"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_virtual_tokens(self)
-        check_bottleneck_fields(self)
         if self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r}")
+
+    def adapter_config(self) -> BottleneckConfig:
+        # target_modules is LoRA's: the adapter sits after every FFN whatever LoRA targets
+        return as_bottleneck_config(self, adapter_type="sequential", placement="ffn")
 
 
 def _gate(d: int) -> nn.Linear:
@@ -138,7 +128,7 @@ class UniPeltTuner(PrefixAndLayersTuner):
             lora = LoraLinear(base.in_features, base.out_features, config.r,
                               lora_scale(config.lora_alpha, config.r, False), config.lora_dropout)
             layer.add(adapter_name, GatedLora(lora, base.in_features).to(base.weight.device))
-        inject_bottlenecks(model, config, adapter_name, gate=True)     # gated adapter after each FFN
+        inject_bottlenecks(model, config.adapter_config(), adapter_name, gate=True)  # gated adapter after each FFN
         box, d = encoders(model), model.config.hidden_size            # gated prefix: one gate per layer
         attn = block_modules(model, layout_of(model).attn)
         box[adapter_name].prefix_gates = nn.ModuleList(_gate(d) for _ in attn).to(model.device)
