@@ -1,8 +1,9 @@
 """The method zoo side by side on SmolLM2-135M: trainable parameters, demo-task score, forgetting, latency.
 
 Two parts, run one after the other (never alongside other CPU work: the latency column is a timing):
-  train    — `peftlab train` for each method on wordnet-antonyms (the demo task) with the method's default
-             learning rate and config, a short run; reads each run's JSON summary.
+  train    — a training job (peftlab.train.jobs.run_job, what `peftlab train` runs) for each method on
+             wordnet-antonyms (the demo task) with the method's default learning rate and config, a short run,
+             in this process; keeps each run's summary.
   latency  — unmerged inference forward (batch 8×64, logits of the last position) of each method over the
              frozen base, CPU time, interleaved rounds (benchmarks/common.py), adapters with random non-zero
              weights. Prompt methods pay for their virtual tokens here.
@@ -12,10 +13,8 @@ Writes benchmarks/results/method_table.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -40,18 +39,17 @@ def rows(selected: str | None) -> list[tuple[str, str, list[str]]]:
 
 
 def train_row(label: str, method: str, sets: list[str], args, workdir: Path) -> dict:
-    cmd = [sys.executable, "-m", "peftlab.cli", "train", "--model", "smollm2-135m", "--task", "wordnet-antonyms",
-           "--method", method,
-           "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--eval-size", str(args.eval_size),
-           "--no-eval-before", "--no-progress", "--json", "--save-every", "0", "--output", str(workdir / label)]
-    for s in sets:
-        cmd += ["--set", s]
-    if "@" in label:
-        cmd += ["--lr", label.split("@")[1]]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        return {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    from peftlab.train.jobs import JobConfig, run_job
+    from peftlab.train.jobs.run import jsonable
+    config = JobConfig(model="smollm2-135m", task="wordnet-antonyms", method=method, steps=args.steps,
+                       batch_size=args.batch_size, eval_size=args.eval_size, eval_before=False, progress=False,
+                       save_every=0, output=str(workdir / label), set=sets,
+                       lr=float(label.split("@")[1]) if "@" in label else None)
+    try:
+        summary = run_job(config)
+    except Exception as e:  # noqa: BLE001 - a row that fails is reported in the table, the others still run
+        return {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+    return json.loads(json.dumps(summary, default=jsonable))  # what `peftlab train --json` prints
 
 
 def latency(labels: list[tuple[str, str, list[str]]], rounds: int) -> dict[str, float]:
@@ -75,10 +73,10 @@ def latency(labels: list[tuple[str, str, list[str]]], rounds: int) -> dict[str, 
         if info.kind == "full" or info.category == "selective" or "@" in label:
             continue  # selective/full change weights in place (the base forward); NAME@LR has NAME's latency
         over = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in sets)}
-        if "total_step" in {f.name for f in dataclasses.fields(info.config_cls)}:
-            over.setdefault("total_step", 100)  # AdaLoRA's budget schedule needs a run length; any will do here
+        if info.run_length_field is not None:
+            over.setdefault(info.run_length_field, 100)  # a schedule over the run needs its length; any will do here
         cfg = info.make_config(task_type="CAUSAL_LM", **over)
-        if hasattr(cfg, "prepare"):
+        if cfg.calibration_data is not None:
             cfg.prepare(base, [token_batch(4, 64, labels=False, seed=1)])
         pm = peftlab.get_peft_model(shared_copy(base), cfg).eval()
         randomize(pm, std=0.01)
@@ -100,6 +98,9 @@ def main() -> None:
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "method_table.json"))
     args = ap.parse_args()
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # weight-loading bars, once a row (the CLI did this for each subprocess)
     table = rows(args.methods)
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}

@@ -254,6 +254,23 @@ def test_grad_accumulation_matches_one_big_batch():
         torch.testing.assert_close(results[0][k], results[1][k], atol=1e-5, rtol=1e-4)
 
 
+def test_gradient_checkpointing_trains_the_same_and_needs_a_transformers_model():
+    tok = char_tokenizer()
+    ex = D.encode_causal(pc_records(), tok)
+    results = []
+    for checkpointing in (False, True):
+        model = lora_model(seed=1)
+        train(model, ex, D.Collator(0), TrainConfig(steps=3, batch_size=4, lr=1e-2, progress=False,
+                                                    gradient_checkpointing=checkpointing))
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == checkpointing
+        results.append(adapter_tensors(model))
+    for k in results[0]:  # recomputing the activations in the backward changes no gradient
+        torch.testing.assert_close(results[0][k], results[1][k], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="Linear does not support gradient checkpointing"):
+        train(torch.nn.Linear(2, 2), ex, D.Collator(0), TrainConfig(steps=1, gradient_checkpointing=True,
+                                                                    progress=False))
+
+
 def test_method_hook_runs_after_each_optimizer_step_with_gradients():
     tok = char_tokenizer()
     model = lora_model()

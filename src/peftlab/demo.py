@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     hf_logging.set_verbosity_error()
 
     import peftlab
-    from peftlab.cli import _sample
+    from peftlab.train.jobs import sample
     from peftlab.models import load_model
     from peftlab.train import data as D, metrics as M, tasks as T
     from peftlab.train.loop import TrainConfig, train
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         import shutil
         shutil.rmtree(out)  # the demo always starts fresh
     task = T.get_task("wordnet-antonyms")
-    evalset = _sample(task.eval, args.eval_size, args.seed)
+    evalset = sample(task.eval, args.eval_size, args.seed)
     model, tok = load_model(args.model, task="causal-lm")
     _say(f"peftlab demo: {args.model} on wordnet-antonyms (WordNet {wordnet_version()}), "
          f"{torch.get_num_threads()} CPU threads")

@@ -2,8 +2,10 @@
 checkpoints that survive a kill, a JSONL metrics log and a progress bar.
 
 Methods plug in through the model, never through special cases here: auxiliary losses are already in
-`outputs.loss` (PeftModel.forward adds them), and `model.on_step_end(step)` runs after each optimizer step,
-before the gradients are zeroed (AdaLoRA's budget update; HF PEFT's `update_and_allocate` timing).
+`outputs.loss` (PeftModel.forward adds them), and a PeftModel's `on_step_end(step)` runs after each optimizer
+step, before the gradients are zeroed (AdaLoRA's budget update; HF PEFT's `update_and_allocate` timing).
+One TrainState carries the run through setup -> resume -> (micro_step × grad_accum -> optimizer_step ->
+after_step) × steps (the shape of torchtune's recipes).
 A kill loses at most `save_every` steps: SIGINT/SIGTERM finish the current step, write a checkpoint and stop;
 `resume=True` continues from the newest checkpoint and ends with the same weights as an uninterrupted run.
 Under torch.distributed (e.g. `peftlab train --nproc 2`, torchrun) the model is wrapped in DDP, every micro-batch
@@ -19,13 +21,14 @@ import random
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
+from ..core.model import PeftModel
 from . import checkpoint as ckpt
 from .data import BatchStream
 from .metrics import eval_loss
@@ -126,8 +129,9 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype), dtype, precision == "fp16"
 
 
-def _hf_model(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def _hf_model(model) -> torch.nn.Module:
+    """The Transformers model under a PeftModel (the model itself otherwise)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def _accepts(model, name: str) -> bool:
@@ -135,6 +139,16 @@ def _accepts(model, name: str) -> bool:
         return name in inspect.signature(_hf_model(model).forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _enable_gradient_checkpointing(model) -> None:
+    from transformers import PreTrainedModel
+    hf = _hf_model(model)
+    if not isinstance(hf, PreTrainedModel):
+        raise ValueError(f"{type(hf).__name__} does not support gradient checkpointing (a Transformers model does)")
+    # Non-reentrant checkpointing works with a frozen embedding (no input that requires grad).
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
 
 
 def _distributed():
@@ -189,15 +203,61 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def train(model, train_examples: Sequence[dict], collate, config: TrainConfig,
-          eval_examples: Optional[Sequence[dict]] = None,
-          eval_fn: Optional[Callable[[torch.nn.Module], dict]] = None, save_adapter: bool = True) -> dict:
-    """Train `model` (a PeftModel, or any module with trainable parameters) in place; returns a summary dict.
+@dataclass
+class TrainState:
+    """One run's state, read and changed by the step functions below (setup, resume, micro_step,
+    optimizer_step, after_step); a checkpoint holds what resuming needs of it."""
+    config: TrainConfig
+    model: torch.nn.Module             # what train() was given; its trainable parameters are updated in place
+    net: torch.nn.Module               # the model, or its DDP wrapper (forward passes go through it)
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: Optional[torch.amp.GradScaler]  # fp16 only
+    stream: BatchStream                # micro-batches; its position is the data's resume state
+    collate: Callable
+    total: int                         # optimizer steps of the whole run
+    device: torch.device
+    autocast: Any                      # the autocast context every forward runs in
+    dist: Any                          # torch.distributed when several processes train, else None
+    rank: int
+    world: int
+    keep_logits: bool                  # the model's forward takes logits_to_keep
+    pass_positions: bool               # ... and position_ids
+    out_dir: Optional[Path]
+    save_adapter: bool
+    eval_examples: Optional[Sequence[dict]] = None
+    eval_fn: Optional[Callable[[torch.nn.Module], dict]] = None
+    step: int = 0                      # optimizer steps done
+    tokens_seen: int = 0
+    elapsed0: float = 0.0              # seconds trained by earlier attempts (resume)
+    t0: float = 0.0                    # when this attempt started training
+    last_good: Optional[Path] = None   # the newest checkpoint, named when training diverges
+    grad_norm: float = float("nan")
+    losses: list = field(default_factory=list)   # every step's loss
+    window: list = field(default_factory=list)   # losses since the last log line
+    win_tokens: int = 0
+    win_t: float = 0.0
+    evals: list = field(default_factory=list)
 
-    train_examples: encoded examples (data.encode_causal / encode_classification); collate: data.Collator.
-    eval_fn(model) -> metrics, called with eval_loss every `eval_every` steps (and at the end if set).
-    """
-    cfg = config
+    @property
+    def log_path(self) -> Optional[Path]:
+        return self.out_dir / LOG_FILE if self.out_dir else None
+
+
+def _wrap_ddp(model, device: torch.device):
+    from torch.nn.parallel import DistributedDataParallel
+    # Only trainable parameters are synchronised; frozen base buffers are the same everywhere already.
+    sync_off = ({"forward_sync_buffers": False}
+                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **sync_off)
+
+
+def setup(model, train_examples: Sequence[dict], collate, cfg: TrainConfig,
+          eval_examples: Optional[Sequence[dict]] = None, eval_fn: Optional[Callable] = None,
+          save_adapter: bool = True) -> TrainState:
+    """Optimizer, schedule, precision, gradient checkpointing, DDP and the batch stream of a fresh run."""
     device = next(model.parameters()).device
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
     if cfg.resume and out_dir is None:
@@ -212,208 +272,250 @@ def train(model, train_examples: Sequence[dict], collate, config: TrainConfig,
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, warmup, cfg.schedule, cfg.min_lr_ratio))
     autocast, _, needs_scaler = _autocast(device, cfg.precision)
-    scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
     if cfg.gradient_checkpointing:
-        hf = _hf_model(model)
-        if not hasattr(hf, "gradient_checkpointing_enable"):
-            raise ValueError(f"{type(hf).__name__} does not support gradient checkpointing")
-        # Non-reentrant checkpointing works with a frozen embedding (no input that requires grad).
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if getattr(hf, "config", None) is not None:
-            hf.config.use_cache = False
-    keep_logits = _accepts(model, "logits_to_keep")
-    pass_positions = _accepts(model, "position_ids")
+        _enable_gradient_checkpointing(model)
     micro = cfg.batch_size // cfg.grad_accum
     dist = _distributed()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     if micro % world:
         raise ValueError(f"each micro-batch ({micro} = batch_size / grad_accum) must split evenly over the {world} "
                          f"processes; use a batch size that is a multiple of {world * cfg.grad_accum}")
-    net = model
-    if dist:
-        from torch.nn.parallel import DistributedDataParallel
-        # Only trainable parameters are synchronised; frozen base buffers are the same everywhere already.
-        sync_off = ({"forward_sync_buffers": False}
-                    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                    else {"broadcast_buffers": False})
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **sync_off)
+    net = _wrap_ddp(model, device) if dist else model
+    return TrainState(cfg, model, net, params, optimizer, scheduler,
+                      torch.amp.GradScaler(device.type) if needs_scaler else None,
+                      BatchStream(train_examples, micro, collate, seed=cfg.seed), collate, total, device, autocast,
+                      dist, rank, world, _accepts(model, "logits_to_keep"), _accepts(model, "position_ids"), out_dir,
+                      save_adapter, eval_examples, eval_fn)
 
-    step, tokens_seen, elapsed0 = 0, 0, 0.0
-    stream = BatchStream(train_examples, micro, collate, seed=cfg.seed)
-    log_path = out_dir / LOG_FILE if out_dir else None
-    if cfg.resume:
-        path = ckpt.latest_checkpoint(out_dir)
-        if path is None:
-            raise FileNotFoundError(f"resume: no checkpoint in {out_dir / ckpt.DIR} (the run wrote none yet); start "
-                                    f"without --resume")
-        state = ckpt.load_checkpoint(path, model, optimizer, scheduler, scaler)
-        mismatch = {k: (state["run"].get(k), v) for k, v in cfg.resume_signature().items()
-                    if state["run"].get(k) != (list(v) if isinstance(v, tuple) else v)}
-        if state["total_steps"] != total:
-            mismatch["total_steps"] = (state["total_steps"], total)
-        if mismatch:
-            raise ValueError(f"resume: {path} was written by a run with other settings: "
-                             + ", ".join(f"{k}={a!r} there, {b!r} now" for k, (a, b) in mismatch.items())
-                             + "; resume with the same settings, or train into a new output directory")
-        step, tokens_seen, elapsed0 = state["step"], state["tokens_seen"], state["elapsed_s"]
-        stream.position = state["data_position"]
-        _truncate_log(log_path, step)
-    elif out_dir is not None and ckpt.latest_checkpoint(out_dir) is not None:
-        raise FileExistsError(f"{out_dir} already has checkpoints from an earlier run; pass --resume to continue "
-                              f"it, or choose another output directory")
 
-    def save(at: int) -> Optional[Path]:
-        if out_dir is None:
-            return None
-        if rank != 0:
-            dist.barrier()  # rank 0 is writing
-            return ckpt.latest_checkpoint(out_dir)
-        state = {"total_steps": total, "data_position": stream.position, "tokens_seen": tokens_seen,
-                 "elapsed_s": elapsed0 + time.time() - t0, "run": cfg.resume_signature()}
-        path = ckpt.save_checkpoint(out_dir, at, model, optimizer, scheduler, state, scaler,
-                                    save_adapter=save_adapter, keep=cfg.keep_checkpoints)
-        if dist:
-            dist.barrier()
-        return path
+def resume(state: TrainState) -> None:
+    """Continue from the newest checkpoint (resume=True) after checking it was written with the same settings;
+    without resume, refuse a directory that already has checkpoints (never mix two runs in one)."""
+    cfg, out_dir = state.config, state.out_dir
+    if not cfg.resume:
+        if out_dir is not None and ckpt.latest_checkpoint(out_dir) is not None:
+            raise FileExistsError(f"{out_dir} already has checkpoints from an earlier run; pass --resume to continue "
+                                  f"it, or choose another output directory")
+        return
+    path = ckpt.latest_checkpoint(out_dir)
+    if path is None:
+        raise FileNotFoundError(f"resume: no checkpoint in {out_dir / ckpt.DIR} (the run wrote none yet); start "
+                                f"without --resume")
+    saved = ckpt.load_checkpoint(path, state.model, state.optimizer, state.scheduler, state.scaler)
+    mismatch = {k: (saved["run"].get(k), v) for k, v in cfg.resume_signature().items()
+                if saved["run"].get(k) != (list(v) if isinstance(v, tuple) else v)}
+    if saved["total_steps"] != state.total:
+        mismatch["total_steps"] = (saved["total_steps"], state.total)
+    if mismatch:
+        raise ValueError(f"resume: {path} was written by a run with other settings: "
+                         + ", ".join(f"{k}={a!r} there, {b!r} now" for k, (a, b) in mismatch.items())
+                         + "; resume with the same settings, or train into a new output directory")
+    state.step, state.tokens_seen, state.elapsed0 = saved["step"], saved["tokens_seen"], saved["elapsed_s"]
+    state.stream.position = saved["data_position"]
+    _truncate_log(state.log_path, state.step)
 
-    def log(record: dict) -> None:
-        if log_path is not None and rank == 0:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
-    def evaluate(at: int) -> dict:
-        rec: dict = {"step": at}
-        if eval_examples:
-            with autocast:
-                rec["eval_loss"] = eval_loss(model, eval_examples, collate)
-        if eval_fn is not None:
-            rec.update({k: v for k, v in eval_fn(model).items() if isinstance(v, (int, float, str))})
-        log(rec)
-        return rec
+def _next_batch(state: TrainState) -> dict:
+    """This process's share of the next micro-batch, on the device, trimmed to what the forward needs."""
+    batch = {k: v.to(state.device) for k, v in state.stream.next(state.rank, state.world).items()}
+    if not state.pass_positions:
+        batch.pop("position_ids", None)
+    labels = batch.get("labels")
+    if state.keep_logits and labels is not None and labels.dim() == 2:
+        # Only positions that predict a labelled token need logits: with left padding and the loss on
+        # completions these are the last few columns (saves the LM head on the prompt). labels: (batch, seq).
+        cols = (labels != -100).any(0).nonzero()
+        first = int(cols[0]) if len(cols) else 0
+        if first >= 1:
+            keep = labels.shape[1] - first + 1
+            batch["labels"] = labels[:, -keep:]
+            batch["logits_to_keep"] = keep
+    return batch
 
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total, initial=step, desc="train", disable=not cfg.progress or rank != 0, dynamic_ncols=True)
-    model.train()
-    t0 = time.time()
-    window: list[float] = []
-    losses: list[float] = []
-    last_good: Optional[Path] = ckpt.latest_checkpoint(out_dir) if out_dir is not None else None
-    evals: list[dict] = []
-    win_tokens, win_t = 0, time.time()
-    grad_norm = float("nan")
-    with _Signals() as sig:
-        while step < total:
-            step_loss, step_tokens = 0.0, 0
-            for m in range(cfg.grad_accum):
-                batch = {k: v.to(device) for k, v in stream.next(rank, world).items()}
-                if not pass_positions:
-                    batch.pop("position_ids", None)
-                labels = batch.get("labels")
-                if keep_logits and labels is not None and labels.dim() == 2:
-                    # Only positions that predict a labelled token need logits: with left padding and the loss
-                    # on completions these are the last few columns (saves the LM head on the prompt).
-                    cols = (labels != -100).any(0).nonzero()
-                    first = int(cols[0]) if len(cols) else 0
-                    if first >= 1:
-                        keep = labels.shape[1] - first + 1
-                        batch["labels"] = labels[:, -keep:]
-                        batch["logits_to_keep"] = keep
-                tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-                # DDP all-reduces gradients on the last micro-batch of a step only
-                sync = contextlib.nullcontext() if not dist or m == cfg.grad_accum - 1 else net.no_sync()
-                with sync:
-                    with autocast:
-                        loss = net(**batch).loss
-                    if loss is None:
-                        raise ValueError("the model returned no loss; the batches need labels")
-                    bad = _any(dist, not bool(torch.isfinite(loss.detach())), device)
-                    if not bad:
-                        loss = loss / cfg.grad_accum
-                        (scaler.scale(loss) if scaler else loss).backward()
-                if bad:
-                    bar.close()
-                    value = float(loss.detach()) if not torch.isfinite(loss.detach()) else "nan/inf on another process"
-                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                    raise TrainingDiverged(
-                        f"the loss became {value} at step {step + 1} (micro-batch {stream.position}); stopped "
-                        f"before updating the weights with it; {where}. Lower the learning rate (now {cfg.lr:g}), "
-                        f"keep max_grad_norm set, use precision fp32, or check the data")
-                step_loss += float(loss.detach())
-                step_tokens += tokens
-            if dist:  # log every process's tokens, and the loss averaged over the processes
-                t = torch.tensor([float(step_tokens), step_loss], device=device)
-                dist.all_reduce(t)
-                step_tokens, step_loss = int(t[0].item()), float(t[1].item()) / world
-            tokens_seen += step_tokens
-            win_tokens += step_tokens
-            if scaler:
-                scaler.unscale_(optimizer)
-            if cfg.max_grad_norm:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-                if not math.isfinite(grad_norm) and scaler is None:
-                    bar.close()
-                    raise TrainingDiverged(
-                        f"the gradient norm became {grad_norm} at step {step + 1}; stopped before updating the weights; "
-                        f"the last good checkpoint is {last_good}. Lower the learning rate or check the data")
-            lr_now = optimizer.param_groups[0]["lr"]
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            if hasattr(model, "on_step_end"):
-                model.on_step_end(step)
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(step_loss)
-            window.append(step_loss)
-            bar.update(1)
-            if step % max(1, cfg.log_every) == 0 or step == total:
-                now = time.time()
-                tps = win_tokens / max(now - win_t, 1e-9)
-                rec = {"step": step, "epoch": round(stream.epoch, 4), "loss": sum(window) / len(window), "lr": lr_now,
-                       "grad_norm": grad_norm, "tokens_per_s": tps, "elapsed_s": elapsed0 + now - t0}
-                log(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tps:.0f}")
-                window, win_tokens, win_t = [], 0, now
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                evals.append(evaluate(step))
-                model.train()
-            if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                last_good = save(step)
-            if _any(dist, sig.received is not None, device):
-                path = save(step)
-                bar.close()
-                name = signal.Signals(sig.received).name if sig.received else "a signal (on another process)"
-                raise TrainingInterrupted(f"{name} received: stopped after step {step}/{total}"
-                                          + (f"; checkpoint {path} (continue with --resume)" if path else ""))
-    bar.close()
-    wall = time.time() - t0
-    if cfg.eval_every:
-        evals.append(evaluate(step))
-    model.eval()
-    if out_dir is not None:
-        save(step)
-    return {"steps": step, "total_steps": total, "loss_first": losses[0] if losses else None,
+
+def _where(state: TrainState) -> str:
+    return f"the last good checkpoint is {state.last_good}" if state.last_good else "no checkpoint was written yet"
+
+
+def micro_step(state: TrainState, m: int) -> tuple[float, int]:
+    """Forward and backward of micro-batch m of the step; (its loss / grad_accum, its tokens). A NaN/inf loss on
+    any process stops every process before the backward (the weights never see it)."""
+    cfg, dist = state.config, state.dist
+    batch = _next_batch(state)
+    tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    # DDP all-reduces gradients on the last micro-batch of a step only
+    sync = contextlib.nullcontext() if not dist or m == cfg.grad_accum - 1 else state.net.no_sync()
+    with sync:
+        with state.autocast:
+            loss = state.net(**batch).loss
+        if loss is None:
+            raise ValueError("the model returned no loss; the batches need labels")
+        bad = _any(dist, not bool(torch.isfinite(loss.detach())), state.device)
+        if not bad:
+            loss = loss / cfg.grad_accum
+            (state.scaler.scale(loss) if state.scaler else loss).backward()
+    if bad:
+        value = float(loss.detach()) if not torch.isfinite(loss.detach()) else "nan/inf on another process"
+        raise TrainingDiverged(
+            f"the loss became {value} at step {state.step + 1} (micro-batch {state.stream.position}); stopped "
+            f"before updating the weights with it; {_where(state)}. Lower the learning rate (now {cfg.lr:g}), "
+            f"keep max_grad_norm set, use precision fp32, or check the data")
+    return float(loss.detach()), tokens
+
+
+def optimizer_step(state: TrainState, step_loss: float, step_tokens: int) -> float:
+    """Clip, update, schedule, run the method's per-step hook, zero the gradients; returns the lr it used."""
+    cfg, dist, scaler, optimizer = state.config, state.dist, state.scaler, state.optimizer
+    if dist:  # log every process's tokens, and the loss averaged over the processes
+        t = torch.tensor([float(step_tokens), step_loss], device=state.device)
+        dist.all_reduce(t)
+        step_tokens, step_loss = int(t[0].item()), float(t[1].item()) / state.world
+    state.tokens_seen += step_tokens
+    state.win_tokens += step_tokens
+    if scaler:
+        scaler.unscale_(optimizer)
+    if cfg.max_grad_norm:
+        state.grad_norm = float(torch.nn.utils.clip_grad_norm_(state.params, cfg.max_grad_norm))
+        if not math.isfinite(state.grad_norm) and scaler is None:  # (fp16: the scaler skips such a step)
+            raise TrainingDiverged(
+                f"the gradient norm became {state.grad_norm} at step {state.step + 1}; stopped before updating the "
+                f"weights; {_where(state)}. Lower the learning rate or check the data")
+    lr_now = optimizer.param_groups[0]["lr"]
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    state.scheduler.step()
+    if isinstance(state.model, PeftModel):
+        state.model.on_step_end(state.step)  # AdaLoRA's budget: after the update, with the gradients still there
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.losses.append(step_loss)
+    state.window.append(step_loss)
+    return lr_now
+
+
+def save(state: TrainState) -> Optional[Path]:
+    """A checkpoint of the step just done (rank 0 writes; the others wait for it)."""
+    if state.out_dir is None:
+        return None
+    if state.rank != 0:
+        state.dist.barrier()  # rank 0 is writing
+        return ckpt.latest_checkpoint(state.out_dir)
+    extra = {"total_steps": state.total, "data_position": state.stream.position, "tokens_seen": state.tokens_seen,
+             "elapsed_s": state.elapsed0 + time.time() - state.t0, "run": state.config.resume_signature()}
+    path = ckpt.save_checkpoint(state.out_dir, state.step, state.model, state.optimizer, state.scheduler, extra,
+                                state.scaler, save_adapter=state.save_adapter, keep=state.config.keep_checkpoints)
+    if state.dist:
+        state.dist.barrier()
+    return path
+
+
+def log(state: TrainState, record: dict) -> None:
+    if state.log_path is not None and state.rank == 0:
+        state.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(state.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def evaluate(state: TrainState) -> dict:
+    """eval_loss on eval_examples and eval_fn's metrics now, logged."""
+    rec: dict = {"step": state.step}
+    if state.eval_examples:
+        with state.autocast:
+            rec["eval_loss"] = eval_loss(state.model, state.eval_examples, state.collate)
+    if state.eval_fn is not None:
+        rec.update({k: v for k, v in state.eval_fn(state.model).items() if isinstance(v, (int, float, str))})
+    log(state, rec)
+    return rec
+
+
+def after_step(state: TrainState, lr_now: float, signals: _Signals, bar) -> None:
+    """The cadences: a log line every log_every steps, evaluation every eval_every, a checkpoint every
+    save_every; and a checkpoint then TrainingInterrupted when SIGINT/SIGTERM arrived on any process."""
+    cfg, step = state.config, state.step
+    if step % max(1, cfg.log_every) == 0 or step == state.total:
+        now = time.time()
+        tps = state.win_tokens / max(now - state.win_t, 1e-9)
+        rec = {"step": step, "epoch": round(state.stream.epoch, 4), "loss": sum(state.window) / len(state.window),
+               "lr": lr_now, "grad_norm": state.grad_norm, "tokens_per_s": tps,
+               "elapsed_s": state.elapsed0 + now - state.t0}
+        log(state, rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tps:.0f}")
+        state.window, state.win_tokens, state.win_t = [], 0, now
+    if cfg.eval_every and step % cfg.eval_every == 0 and step < state.total:
+        state.evals.append(evaluate(state))
+        state.model.train()
+    if cfg.save_every and step % cfg.save_every == 0 and step < state.total:
+        state.last_good = save(state)
+    if _any(state.dist, signals.received is not None, state.device):
+        path = save(state)
+        name = signal.Signals(signals.received).name if signals.received else "a signal (on another process)"
+        raise TrainingInterrupted(f"{name} received: stopped after step {step}/{state.total}"
+                                  + (f"; checkpoint {path} (continue with --resume)" if path else ""))
+
+
+def _finish(state: TrainState) -> dict:
+    """Final evaluation and checkpoint; the summary train() returns."""
+    wall = time.time() - state.t0
+    if state.config.eval_every:
+        state.evals.append(evaluate(state))
+    state.model.eval()
+    if state.out_dir is not None:
+        save(state)
+    losses, tokens, elapsed = state.losses, state.tokens_seen, state.elapsed0 + wall
+    return {"steps": state.step, "total_steps": state.total, "loss_first": losses[0] if losses else None,
             "loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None, "losses": losses,
-            "train_tokens": tokens_seen, "wall_s": wall, "elapsed_s": elapsed0 + wall,
-            "tokens_per_s": (tokens_seen / (elapsed0 + wall)) if tokens_seen else 0.0,
-            "trainable_params": sum(p.numel() for p in params), "evals": evals, "config": asdict(cfg)}
+            "train_tokens": tokens, "wall_s": wall, "elapsed_s": elapsed,
+            "tokens_per_s": (tokens / elapsed) if tokens else 0.0,
+            "trainable_params": sum(p.numel() for p in state.params), "evals": state.evals,
+            "config": asdict(state.config)}
+
+
+def train(model, train_examples: Sequence[dict], collate, config: TrainConfig,
+          eval_examples: Optional[Sequence[dict]] = None,
+          eval_fn: Optional[Callable[[torch.nn.Module], dict]] = None, save_adapter: bool = True) -> dict:
+    """Train `model` (a PeftModel, or any module with trainable parameters) in place; returns a summary dict.
+
+    train_examples: encoded examples (data.encode_causal / encode_classification); collate: data.Collator.
+    eval_fn(model) -> metrics, called with eval_loss every `eval_every` steps (and at the end if set).
+    """
+    state = setup(model, train_examples, collate, config, eval_examples=eval_examples, eval_fn=eval_fn,
+                  save_adapter=save_adapter)
+    resume(state)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=state.total, initial=state.step, desc="train", disable=not config.progress or state.rank != 0,
+               dynamic_ncols=True)
+    model.train()
+    state.t0 = state.win_t = time.time()
+    state.last_good = ckpt.latest_checkpoint(state.out_dir) if state.out_dir is not None else None
+    try:
+        with _Signals() as signals:
+            while state.step < state.total:
+                step_loss, step_tokens = 0.0, 0
+                for m in range(config.grad_accum):
+                    loss, tokens = micro_step(state, m)
+                    step_loss, step_tokens = step_loss + loss, step_tokens + tokens
+                lr_now = optimizer_step(state, step_loss, step_tokens)
+                bar.update(1)
+                after_step(state, lr_now, signals, bar)
+    finally:
+        bar.close()
+    return _finish(state)
 
 
 def method_hooks_callback():
-    """An HF `TrainerCallback` that runs peftlab's per-step method hooks (`model.on_step_end`) under HF Trainer,
+    """An HF `TrainerCallback` that runs peftlab's per-step method hooks (`PeftModel.on_step_end`) under HF Trainer,
     at the same point as peftlab's loop: after the optimizer step, before the gradients are zeroed."""
     from transformers import TrainerCallback
 
     class MethodHooks(TrainerCallback):
         def on_optimizer_step(self, args, state, control, model=None, **kwargs):
             target = model
-            while target is not None and not hasattr(target, "on_step_end") and hasattr(target, "module"):
-                target = target.module  # DDP / accelerate wrappers
-            if target is not None and hasattr(target, "on_step_end"):
+            while not isinstance(target, PeftModel) and isinstance(getattr(target, "module", None), torch.nn.Module):
+                target = target.module  # DDP / accelerate wrappers keep the model at .module
+            if isinstance(target, PeftModel):
                 target.on_step_end(state.global_step)
 
     return MethodHooks()

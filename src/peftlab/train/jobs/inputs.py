@@ -1,0 +1,86 @@
+"""What a job reads: its data (a built-in task or JSONL files), the base model and tokenizer, encoded examples."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .. import data as D
+from .config import DataOptions, JobError
+
+# JSONL format (train/data.py) -> what the job does with it
+KINDS = {"prompt-completion": "generation", "text": "lm", "classification": "classification"}
+
+
+@dataclass
+class JobData:
+    kind: str                  # generation | lm | classification | multiple-choice
+    name: str                  # task name or data file
+    train: list
+    eval: list
+    labels: Optional[list] = None   # classification label names; index = class id
+    task: Any = None           # the built-in Task, when the data is one
+
+
+def sample(records: Sequence, n: int, seed: int) -> list:
+    """A fixed sample of n records in their order (all of them when n is 0 or at least their number)."""
+    if not n or n >= len(records):
+        return list(records)
+    idx = sorted(random.Random(f"eval-{seed}").sample(range(len(records)), n))
+    return [records[i] for i in idx]
+
+
+def load_data(config: DataOptions, split: str = "eval", eval_data: Optional[str] = None) -> JobData:
+    """The task's training records and its `split`, or the JSONL file (and eval_data, a held-out file)."""
+    if bool(config.task) == bool(config.data):
+        raise JobError("give exactly one of --task NAME (built-in) or --data FILE.jsonl")
+    if config.task:
+        from ..tasks import get_task
+        t = get_task(config.task)
+        return JobData(t.kind, t.name, t.train, t.split(split), t.labels, t)
+    records = D.read_jsonl(config.data)
+    fmt = D.data_format(records, str(config.data))
+    eval_records = []
+    if eval_data:
+        eval_records = D.read_jsonl(eval_data)
+        efmt = D.data_format(eval_records, str(eval_data))
+        if efmt != fmt:
+            raise D.DataError(f"{eval_data}: {efmt!r} data, but {config.data} is {fmt!r} data; use one format")
+    kind = KINDS[fmt]
+    labels = D.label_names(records) if kind == "classification" else None
+    return JobData(kind, str(config.data), records, eval_records, labels)
+
+
+def device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise JobError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def load_base(model: str, device_name: str, kind: str, labels: Optional[list] = None):
+    """(model, tokenizer): a sequence-classification model with a head of len(labels) for classification, a
+    causal LM otherwise."""
+    from ...models import load_model
+    task = "seq-cls" if kind == "classification" else "causal-lm"
+    base, tok = load_model(model, task=task, num_labels=len(labels) if labels else None)
+    if labels:
+        base.config.id2label = dict(enumerate(labels))
+        base.config.label2id = {n: i for i, n in enumerate(labels)}
+    return base.to(device(device_name)), tok
+
+
+def encode(kind: str, records: Sequence[dict], tok, config: DataOptions, labels: Optional[list] = None):
+    """(encoded examples, collator); causal LMs pad on the left, so generation continues right after each prompt."""
+    if kind == "classification":
+        return D.encode_classification(records, tok, labels, config.max_length), D.Collator(tok.pad_token_id, "right")
+    return (D.encode_causal(records, tok, config.max_length, bool(config.chat_template)),
+            D.Collator(tok.pad_token_id, "left"))
+
+
+def output_dir(output: Optional[str], method: str, data_name: str) -> Path:
+    return Path(output or f"peftlab-runs/{method}-{Path(data_name).stem}")
