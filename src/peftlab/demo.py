@@ -20,7 +20,7 @@ def _say(*parts) -> None:
     print(*parts, flush=True)
 
 
-def main(argv=None) -> int:
+def _parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m peftlab.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--steps", type=int, default=80)
@@ -34,84 +34,79 @@ def main(argv=None) -> int:
     p.add_argument("--output", default="peftlab-runs/demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line at the end")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def job_config(args: argparse.Namespace):
+    """The demo's fine-tune as a library job: LoRA r=16 on every linear layer of SmolLM2 on WordNet antonyms."""
+    from peftlab.train.jobs import JobConfig
+    return JobConfig(model=args.model, method="lora", task="wordnet-antonyms", output=args.output, steps=args.steps,
+                     batch_size=args.batch_size, lr=args.lr, r=args.r, alpha=args.alpha, target_modules="all-linear",
+                     warmup=max(1, args.steps // 20), log_every=8, save_every=None, seed=args.seed,
+                     eval_size=args.eval_size, eval_batch_size=100, forgetting_size=args.probe_size, progress=True)
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
     t_start = time.time()
     import os
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
-
-    import peftlab
-    from peftlab.train.jobs import sample
-    from peftlab.models import load_model
-    from peftlab.train import data as D, metrics as M, tasks as T
-    from peftlab.train.loop import TrainConfig, train
+    from peftlab.train.jobs import prepare_job, run_prepared
     from peftlab.train.wordnet import wordnet_version
 
-    torch.manual_seed(args.seed)
     out = Path(args.output)
     if out.exists():
         import shutil
         shutil.rmtree(out)  # the demo always starts fresh
-    task = T.get_task("wordnet-antonyms")
-    evalset = sample(task.eval, args.eval_size, args.seed)
-    model, tok = load_model(args.model, task="causal-lm")
+    job = prepare_job(job_config(args))
+    evalset = job.eval_records
     _say(f"peftlab demo: {args.model} on wordnet-antonyms (WordNet {wordnet_version()}), "
          f"{torch.get_num_threads()} CPU threads")
-    _say(f"  {len(task.train)} training prompts, {len(evalset)} held-out prompts (no pair or word shared), "
+    _say(f"  {len(job.data.train)} training prompts, {len(evalset)} held-out prompts (no pair or word shared), "
          f"{PROMPT_NOTE}")
-    texts, questions = T.forgetting_inputs(n_questions=args.probe_size)
-    gen = dict(max_new_tokens=task.max_new_tokens, batch_size=100)
-    timings = {}
+    t = time.time()
+    few = _few_shot(job, args.shots)                        # the base model: the adapter is still the identity
+    _say(f"[1/5] {args.shots}-shot exact match on the base model: {few['exact_match']:.1%}   "
+         f"e.g. {_example(evalset, few)}")
+    few_s = time.time() - t
+    _say(f"[2/5] LoRA r={args.r} on all linear layers: {job.trainable_params:,} trainable parameters "
+         f"({100 * job.trainable_params / job.total_params:.2f}%); {args.steps} steps x {args.batch_size}, "
+         f"lr {args.lr:g}; zero-shot before, fine-tune, scores and forgetting after (run_job)")
+    summary = run_prepared(job)
+    zero, tuned, change = summary["eval_before"], summary["eval"], summary["forgetting"]
+    _say(f"      zero-shot exact match {zero['exact_match']:.1%}   e.g. {_example(evalset, zero)}")
+    _say(f"      loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f}, "
+         f"{summary['tokens_per_s']:.0f} tokens/s, {summary['train_s']:.0f} s of training")
+    _say(f"[3/5] fine-tuned exact match: {tuned['exact_match']:.1%}   e.g. {_example(evalset, tuned)}")
+    ppl, acc = change["general_ppl"], change["definitions_acc"]
+    _say(f"[4/5] forgetting: general-English perplexity {ppl['before']:.2f} -> {ppl['after']:.2f} "
+         f"({100 * ppl['relative_change']:+.1f}%), untrained definitions task "
+         f"{acc['before']:.1%} -> {acc['after']:.1%}")
+    adapter_dir = Path(summary["saved"])
+    t = time.time()
+    checks = _round_trip(job.model, args.model, adapter_dir, evalset, job.tok, job.data.task.max_new_tokens)
+    _say(f"[5/5] adapter saved to {adapter_dir} ({_size(adapter_dir)}); reloaded on a fresh base: max |logit diff| "
+         f"{checks['reload_max_diff']:.1e}; merged vs unmerged: max |logit diff| {checks['merge_max_diff']:.1e}, "
+         f"merged exact match {checks['merged_exact_match']:.1%}")
+    timings = {f"{args.shots}-shot eval": few_s, "run_job (evals, training, probes, save)": summary["wall_s"],
+               "training": summary["train_s"], "reload + merge checks": time.time() - t}
+    return _report(args, summary, few, checks, timings, time.time() - t_start)
 
-    def timed(label, fn):
-        t = time.time()
-        r = fn()
-        timings[label] = time.time() - t
-        return r
 
-    # 1-2. baselines and the forgetting probe on the untouched model
-    zero = timed("zero-shot eval", lambda: M.eval_generation(model, tok, evalset, **gen))
-    _say(f"[1/6] zero-shot exact match: {zero['exact_match']:.1%}   e.g. {_example(evalset, zero)}")
-    shots = task.few_shot(args.shots, seed=args.seed)
-    few = timed(f"{args.shots}-shot eval", lambda: M.eval_generation(model, tok, evalset, few_shot=shots, **gen))
-    _say(f"[2/6] {args.shots}-shot exact match:   {few['exact_match']:.1%}   e.g. {_example(evalset, few)}")
-    before = timed("forgetting probe", lambda: M.forgetting_probe(model, tok, texts, questions, "definitions"))
+def _few_shot(job, shots: int) -> dict:
+    from peftlab.train.jobs.evaluate import Evaluator
+    with job.model.disable_adapter():
+        return Evaluator.build(job.data, job.tok, job.config, job.eval_records, few_shot=shots)(job.model)
 
-    # 3. LoRA fine-tune with peftlab's loop
-    cfg = peftlab.LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules="all-linear", task_type="CAUSAL_LM")
-    pm = peftlab.get_peft_model(model, cfg)
-    trainable, total = pm.get_nb_trainable_parameters()
-    _say(f"[3/6] LoRA r={args.r} on all linear layers: {trainable:,} trainable parameters "
-         f"({100 * trainable / total:.2f}%); {args.steps} steps x {args.batch_size}, lr {args.lr:g}")
-    examples = D.encode_causal(task.train, tok)
-    result = train(pm, examples, D.Collator(tok.pad_token_id, "left"),
-                   TrainConfig(output_dir=str(out), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                               warmup_steps=max(1, args.steps // 20), log_every=8, save_every=None,
-                               keep_checkpoints=1, seed=args.seed))
-    timings["training"] = result["wall_s"]
-    _say(f"      loss {result['loss_first']:.3f} -> {result['loss_last']:.3f}, {result['tokens_per_s']:.0f} tokens/s, "
-         f"{result['wall_s']:.0f} s")
-    tuned = timed("fine-tuned eval", lambda: M.eval_generation(pm, tok, evalset, **gen))
-    _say(f"[4/6] fine-tuned exact match: {tuned['exact_match']:.1%}   e.g. {_example(evalset, tuned)}")
-    after = timed("forgetting probe (after)", lambda: M.forgetting_probe(pm, tok, texts, questions, "definitions"))
-    change = M.forgetting_change(before, after)
-    _say(f"[5/6] forgetting: general-English perplexity {before['general_ppl']:.2f} -> {after['general_ppl']:.2f} "
-         f"({100 * change['general_ppl']['relative_change']:+.1f}%), untrained definitions task "
-         f"{before['definitions_acc']:.1%} -> {after['definitions_acc']:.1%}")
 
-    # 4. save, reload onto a fresh base, compare; merge, compare
-    adapter_dir = out / "adapter"
-    pm.save_pretrained(str(adapter_dir))
-    checks = timed("reload + merge checks", lambda: _round_trip(pm, args.model, adapter_dir, evalset, tok, gen))
-    _say(f"[6/6] adapter saved to {adapter_dir} ({_size(adapter_dir)}); reloaded on a fresh base: max |logit diff| "
-         f"{checks['reload_max_diff']:.1e}; "
-         f"merged vs unmerged: max |logit diff| {checks['merge_max_diff']:.1e}, merged exact match "
-         f"{checks['merged_exact_match']:.1%}")
-
-    wall = time.time() - t_start
+def _report(args, summary: dict, few: dict, checks: dict, timings: dict, wall: float) -> int:
+    """The before/after table, demo.json, and the exit code (0: fine-tuning beat few-shot, reload identical)."""
+    zero, tuned, change = summary["eval_before"], summary["eval"], summary["forgetting"]
+    before = {k: v["before"] for k, v in change.items()}
+    after = {k: v["after"] for k, v in change.items()}
     rows = [("zero-shot", zero["exact_match"], before), (f"{args.shots}-shot", few["exact_match"], before),
             (f"LoRA fine-tuned ({args.steps} steps)", tuned["exact_match"], after),
             ("  merged into the base", checks["merged_exact_match"], None)]
@@ -121,31 +116,29 @@ def main(argv=None) -> int:
         ppl = f"{probe['general_ppl']:.2f}" if probe else ""
         acc = f"{probe['definitions_acc']:.1%}" if probe else ""
         _say(f"{name:<30}{em:>12.1%}{ppl:>13}{acc:>13}")
-    _say(f"(exact match on {len(evalset)} held-out prompts; perplexity on {len(texts)} passages of WordNet example "
-         f"sentences; definitions: {len(questions)} untrained 4-way questions, chance 25%)")
+    _say(f"(exact match on {tuned['n']} held-out prompts; perplexity on WordNet example-sentence passages; "
+         f"definitions: {args.probe_size} untrained 4-way questions, chance 25%)")
     _say(f"wall time {wall:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")")
     ok = tuned["exact_match"] > few["exact_match"] and checks["reload_max_diff"] <= 1e-5
-    summary = {"zero_shot": zero["exact_match"], "few_shot": few["exact_match"], "fine_tuned": tuned["exact_match"],
-               "merged": checks["merged_exact_match"], "forgetting": change, "steps": args.steps,
-               "batch_size": args.batch_size, "lr": args.lr, "loss_first": result["loss_first"],
-               "loss_last": result["loss_last"], "tokens_per_s": result["tokens_per_s"],
-               "train_s": result["wall_s"], "wall_s": wall, "timings": timings, "adapter": str(adapter_dir), **checks}
-    (out / "demo.json").write_text(json.dumps(summary, indent=1))
+    result = {"zero_shot": zero["exact_match"], "few_shot": few["exact_match"], "fine_tuned": tuned["exact_match"],
+              "merged": checks["merged_exact_match"], "forgetting": change, "steps": args.steps,
+              "batch_size": args.batch_size, "lr": args.lr, "loss_first": summary["train_loss_first"],
+              "loss_last": summary["train_loss_last"], "tokens_per_s": summary["tokens_per_s"],
+              "train_s": summary["train_s"], "wall_s": wall, "timings": timings, "adapter": summary["saved"],
+              **checks}
+    (Path(args.output) / "demo.json").write_text(json.dumps(result, indent=1))
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(result))
     if not ok:
         _say("the fine-tuned model did not beat the few-shot baseline, or the reloaded adapter differs")
     return 0 if ok else 1
 
 
 def _example(evalset, result) -> str:
-    r, pred = evalset[0], result["predictions"][0]
+    """The first held-out prompt's answer: word -> prediction (accepted answers)."""
+    r, pred = evalset[0], result["examples"][0]["prediction"]
     word = r["prompt"].split('"')[1]
-    return f'{word} -> "{M_first_line(pred)}" (accepted: {", ".join(r["answers"])})'
-
-
-def M_first_line(text: str) -> str:
-    return text.strip().split("\n")[0][:40]
+    return f'{word} -> "{pred[:40]}" (accepted: {", ".join(r["answers"])})'
 
 
 def _size(path: Path) -> str:
@@ -153,7 +146,8 @@ def _size(path: Path) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def _round_trip(pm, model_name, adapter_dir, evalset, tok, gen) -> dict:
+def _round_trip(pm, model_name, adapter_dir, evalset, tok, max_new_tokens: int) -> dict:
+    """The saved adapter reloaded onto a fresh base, then merged: last-position logits against the trained model."""
     import torch
     import peftlab
     from peftlab.models import load_model
@@ -175,7 +169,7 @@ def _round_trip(pm, model_name, adapter_dir, evalset, tok, gen) -> dict:
     reload_diff = float((logits(reloaded) - trained).abs().max())
     merged = reloaded.merge_and_unload()
     merge_diff = float((logits(merged) - trained).abs().max())
-    merged_em = M.eval_generation(merged, tok, evalset, **gen)["exact_match"]
+    merged_em = M.eval_generation(merged, tok, evalset, max_new_tokens=max_new_tokens, batch_size=100)["exact_match"]
     return {"reload_max_diff": reload_diff, "merge_max_diff": merge_diff,
             "merged_exact_match": merged_em}
 

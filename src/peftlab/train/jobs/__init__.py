@@ -8,7 +8,7 @@ from .config import EvalConfig, JobConfig, JobError, MergeConfig
 from .evaluate import run_eval
 from .inputs import JobData, load_data, sample
 from .merge import run_merge
-from .run import PreparedJob, prepare_job, run_job
+from .run import PreparedJob, prepare_job, run_job, run_prepared
 
 __all__ = ["EvalConfig", "JobConfig", "JobData", "JobError", "MergeConfig", "PreparedJob", "load_data",
-           "prepare_job", "run_eval", "run_job", "run_merge", "sample"]
+           "prepare_job", "run_eval", "run_job", "run_merge", "run_prepared", "sample"]

@@ -45,6 +45,7 @@ class PreparedJob:
     trainable_params: int
     total_params: int
     rank: int = 0              # this process's rank under torch.distributed (0 alone)
+    started: float = 0.0       # time.time() when the job began (the summary's wall_s counts from it)
 
 
 def init_distributed(device_name: str) -> tuple[int, str]:
@@ -90,10 +91,17 @@ def _check(config: JobConfig) -> None:
                        f"(or `peftlab train --nproc {config.nproc}`, which does)")
 
 
-def prepare_job(config: JobConfig, say: Say = quiet, rank: int = 0) -> PreparedJob:
-    """Load the data and the base model, build and calibrate the method's config, and adapt the model."""
+def prepare_job(config: JobConfig, say: Say = quiet) -> PreparedJob:
+    """Join the process group (under torchrun), load the data and the base model, build and calibrate the method's
+    config, and adapt the model. `run_prepared` then runs it; code that needs the trained model (the demo, the
+    bench) keeps the PreparedJob, whose `.model` is trained in place."""
     from ... import get_peft_model
     from ..checkpoint import latest_checkpoint
+    _check(config)
+    started = time.time()
+    rank, dev = init_distributed(config.device)
+    config = dataclasses.replace(config, device=dev)
+    say = say if rank == 0 else quiet
     torch.manual_seed(config.seed)
     get_method(config.method)  # an unknown method fails before any data or model is loaded
     data = load_data(config, eval_data=config.eval_data)
@@ -116,7 +124,7 @@ def prepare_job(config: JobConfig, say: Say = quiet, rank: int = 0) -> PreparedJ
     say(f"method {info.name} ({info.category}): {trainable:,} trainable of {n_all:,} parameters "
         f"({100 * trainable / n_all:.3f}%), {total} steps of {tc.batch_size}")
     return PreparedJob(config, data, output, info, pm, tok, tc, train_ex, collate, eval_records, trainable, n_all,
-                       rank)
+                       rank, started)
 
 
 def _before(job: PreparedJob, evaluate: Evaluator, probe) -> dict:
@@ -182,12 +190,13 @@ def run_job(config: JobConfig, say: Say = quiet) -> dict:
     say(*parts) receives the human-readable progress lines (rank 0 only). Raises JobError for options the user
     must change, TrainingDiverged (NaN/inf) and TrainingInterrupted (SIGINT/SIGTERM, after a checkpoint).
     On processes other than rank 0 it trains and returns {}."""
-    _check(config)
-    t_start = time.time()
-    rank, dev = init_distributed(config.device)
-    config = dataclasses.replace(config, device=dev)
-    job = prepare_job(config, say if rank == 0 else quiet, rank)
-    if rank:  # evaluation and saving happen on rank 0; the other processes only train
+    return run_prepared(prepare_job(config, say), say)
+
+
+def run_prepared(job: PreparedJob, say: Say = quiet) -> dict:
+    """Evaluate before, train, evaluate and probe forgetting after, save; the summary (rank 0; {} elsewhere)."""
+    config = job.config
+    if job.rank:  # evaluation and saving happen on rank 0; the other processes only train
         barrier()
         _train(job)
         return {}
@@ -204,7 +213,7 @@ def run_job(config: JobConfig, say: Say = quiet) -> dict:
     summary = _summary(job, result, before, after)
     summary["forgetting"] = _forgetting(job, probe, before, say)
     summary["saved"] = str(save_result(job))
-    summary["wall_s"] = time.time() - t_start
+    summary["wall_s"] = time.time() - job.started
     atomic_write_text(job.output / "run.json", json.dumps(summary, indent=1, default=jsonable))
     say(f"saved {summary['saved']} ({result['tokens_per_s']:.0f} tokens/s, {summary['wall_s']:.0f} s)")
     return summary
