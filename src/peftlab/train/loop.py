@@ -29,7 +29,7 @@ import torch
 from ..core.model import PeftModel
 from . import checkpoint as ckpt
 from .data import BatchStream
-from .metrics import eval_loss
+from .metrics import eval_loss, forward_accepts
 from .settings import TrainConfig, TrainingDiverged, TrainingInterrupted, autocast_for, lr_lambda, set_seed
 
 __all__ = ["LOG_FILE", "TrainConfig", "TrainState", "TrainingDiverged", "TrainingInterrupted", "lr_lambda",
@@ -41,13 +41,6 @@ LOG_FILE = "metrics.jsonl"
 def _hf_model(model) -> torch.nn.Module:
     """The Transformers model under a PeftModel (the model itself otherwise)."""
     return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
-def _accepts(model, name: str) -> bool:
-    try:
-        return name in inspect.signature(_hf_model(model).forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _enable_gradient_checkpointing(model) -> None:
@@ -193,8 +186,8 @@ def setup(model, train_examples: Sequence[dict], collate, cfg: TrainConfig,
     return TrainState(cfg, model, net, params, optimizer, scheduler,
                       torch.amp.GradScaler(device.type) if needs_scaler else None,
                       BatchStream(train_examples, micro, collate, seed=cfg.seed), collate, total, device, autocast,
-                      dist, rank, world, _accepts(model, "logits_to_keep"), _accepts(model, "position_ids"), out_dir,
-                      save_adapter, eval_examples, eval_fn)
+                      dist, rank, world, forward_accepts(model, "logits_to_keep"),
+                      forward_accepts(model, "position_ids"), out_dir, save_adapter, eval_examples, eval_fn)
 
 
 def resume(state: TrainState) -> None:

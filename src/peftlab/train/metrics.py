@@ -52,9 +52,11 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _accepts(model, name: str) -> bool:
+def forward_accepts(model, name: str) -> bool:
+    """Whether the Transformers model's forward (under a PeftModel: its base's) takes the keyword `name`."""
     import inspect
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from ..core.model import PeftModel
+    hf = model.get_base_model() if isinstance(model, PeftModel) else model
     try:
         return name in inspect.signature(hf.forward).parameters
     except (TypeError, ValueError):
@@ -72,7 +74,7 @@ def _cache_ok(model) -> bool:
     from ..core.model import PeftModel
     if isinstance(model, PeftModel) and model.rewrites_inputs:
         return False
-    return _accepts(model, "past_key_values")
+    return forward_accepts(model, "past_key_values")
 
 
 @torch.no_grad()
@@ -152,13 +154,13 @@ def sequence_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_
                 ex.append({"input_ids": c + k, "labels": [-100] * len(c) + k})
             batch = {k: v.to(dev) for k, v in Collator(tokenizer.pad_token_id, "left")(ex).items()}
             labels = batch.pop("labels")
-            if _accepts(model, "logits_to_keep"):
+            if forward_accepts(model, "logits_to_keep"):
                 # left padding puts every continuation at the end: only those positions need the LM head
                 first = int((labels != -100).any(0).nonzero()[0]) if (labels != -100).any() else 0
                 if first >= 1:
                     batch["logits_to_keep"] = labels.shape[1] - first + 1
                     labels = labels[:, first - 1:]
-            if not _accepts(model, "position_ids"):
+            if not forward_accepts(model, "position_ids"):
                 batch.pop("position_ids")
             logits = model(**batch).logits.float()
             lp = torch.log_softmax(logits[:, :-1], -1)
@@ -265,7 +267,7 @@ def eval_loss(model, examples: Sequence[dict], collate, batch_size: int = 16) ->
     try:
         for i in range(0, len(examples), batch_size):
             batch = {k: v.to(dev) for k, v in collate(examples[i:i + batch_size]).items()}
-            if not _accepts(model, "position_ids"):
+            if not forward_accepts(model, "position_ids"):
                 batch.pop("position_ids", None)
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
             labels = batch["labels"]
