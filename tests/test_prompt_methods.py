@@ -44,10 +44,8 @@ def _logits(model, batch):
 
 
 def _diff(ours, theirs):
-    """Max abs difference; PEFT's causal logits also cover the n virtual positions, ours only the inputs."""
-    if theirs.dim() == 3:
-        assert theirs.shape[1] >= ours.shape[1]
-        theirs = theirs[:, theirs.shape[1] - ours.shape[1]:]
+    """Max abs difference; the shapes are PEFT's (causal logits cover the n virtual positions too)."""
+    assert ours.shape == theirs.shape
     return (ours - theirs).abs().max()
 
 
@@ -170,7 +168,7 @@ def test_trains(name, arch):
 
 
 @pytest.mark.parametrize("name", ["prompt-tuning", "p-tuning"])
-def test_outputs_line_up_with_the_inputs(name):
+def test_outputs_cover_the_virtual_positions_first(name):
     model = _ours(name).eval()
     _perturb(model, std=0.5)
     batch = token_batch()
@@ -180,8 +178,9 @@ def test_outputs_line_up_with_the_inputs(name):
         hidden = model.model.model(inputs_embeds=torch.cat(  # the decoder run by hand on [virtual; inputs]
             [model.prompt_encoder["default"]().expand(3, -1, -1), model.get_input_embeddings()(batch["input_ids"])], 1),
             attention_mask=torch.cat([torch.ones(3, 4, dtype=torch.long), batch["attention_mask"]], 1))
-    assert out.logits.shape[1] == 7 and all(h.shape[1] == 7 for h in out.hidden_states)
-    torch.testing.assert_close(out.hidden_states[-1], hidden.last_hidden_state[:, 4:], atol=1e-5, rtol=1e-5)
+    # HF PEFT's shape: n virtual positions, then one per input token
+    assert out.logits.shape[1] == 4 + 7 and all(h.shape[1] == 4 + 7 for h in out.hidden_states)
+    torch.testing.assert_close(out.hidden_states[-1], hidden.last_hidden_state, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tail, out.logits[:, -2:], atol=1e-5, rtol=1e-5)
 
 
@@ -221,7 +220,7 @@ def test_disable_merge_mixed_batch_and_errors():
     model = _ours("prompt-tuning").eval()
     with model.disable_adapter():
         torch.testing.assert_close(_logits(model, batch), base)
-    assert _logits(model, batch).shape == base.shape  # one position per input token (PEFT adds n virtual ones)
+    assert _logits(model, batch).shape == (3, 4 + 7, 128)  # the n virtual positions first, as in HF PEFT
     with pytest.raises(TypeError, match="cannot be merged"):
         model.merge_adapter()
     with pytest.raises(ValueError, match="mixed-adapter batches"):

@@ -391,6 +391,26 @@ def test_hf_trainer_trains_the_adapted_model_unchanged(tmp_path):
     assert all(not p.requires_grad for n, p in model.named_parameters() if ".adapters." not in n)
 
 
+def test_hf_trainer_with_default_arguments_keeps_the_model_inputs(tmp_path):
+    # remove_unused_columns=True (the default) keeps the batch keys the forward's signature names: the wrapper
+    # presents the base model's, so input_ids/attention_mask/labels stay and the extra "text" column goes.
+    from transformers import Trainer, TrainingArguments
+    tok = char_tokenizer()
+    model = lora_model()
+    rows = [dict(e, text=r["prompt"]) for e, r in zip(D.encode_causal(pc_records(), tok), pc_records())] * 4
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    assert args.remove_unused_columns
+    seen = []
+    collate = D.Collator(tok.pad_token_id)
+    trainer = Trainer(model=model, args=args, train_dataset=rows,
+                      data_collator=lambda feats: seen.append(sorted(feats[0])) or collate(feats))
+    trainer.train()
+    assert seen[0] == ["input_ids", "labels"]  # what encode_causal gives, without "text"
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+
+
 # -- built-in tasks (real WordNet) -----------------------------------------------------------------------------
 def test_builtin_tasks_have_fixed_disjoint_splits():
     from peftlab.train.tasks import forgetting_inputs, get_task

@@ -18,6 +18,9 @@ def __getattr__(name: str):
         for info in list_methods():
             if info.config_cls.__name__ == name:
                 return info.config_cls
+    if name == "Trainer":  # transformers.Trainer that writes and resumes HF PEFT's adapter checkpoints
+        from .train.hf_trainer import Trainer
+        return Trainer
     for attr in ("TaskType",):
         if name == attr:
             from .core import config

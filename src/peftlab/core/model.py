@@ -20,6 +20,7 @@ from .config import PeftConfig
 from .layer import ModulesToSave, PeftlabModule
 from .registry import get_tuner
 from .siblings import SiblingFusion
+from .signature import with_base_signature
 from .tuner import adapted_layers, set_submodule
 from ..hf.defaults import SEQ_CLS_HEAD_NAMES
 
@@ -44,8 +45,12 @@ class AdaptedModel(nn.Module):
 
 
 class PeftModel(nn.Module):
+    _signature_of: Optional[type] = None  # the base model class whose forward signature this class presents
+
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default"):
         super().__init__()
+        # forward presents the base model's signature, so HF Trainer keeps input_ids/labels (core/signature.py)
+        self.__class__ = with_base_signature(type(self), type(model))
         self.base_model = AdaptedModel(model)
         self.siblings = SiblingFusion()  # layers reading one input train as one node (core/siblings.py)
         self.peft_config: dict[str, PeftConfig] = {}
@@ -389,6 +394,9 @@ class PeftModel(nn.Module):
                      **_ignored) -> None:
         directory = files.adapter_dir(model_id)
         cfg = PeftConfig.from_pretrained(directory).replace(inference_mode=not is_trainable)
+        if adapter_name in self.peft_config:
+            self._reload_adapter(adapter_name, cfg, directory, is_trainable)
+            return
         self.add_adapter(adapter_name, cfg)
         try:
             files.load_adapter_state(self, adapter_name, files.read_weights(directory))
@@ -396,6 +404,22 @@ class PeftModel(nn.Module):
             self.delete_adapter(adapter_name)  # never leave a half-loaded adapter behind
             raise
         self._refresh()
+
+    def _reload_adapter(self, adapter_name: str, cfg: PeftConfig, directory: Path, is_trainable: bool) -> None:
+        """HF PEFT's load_adapter onto an existing name: the file's tensors replace that adapter's (its config and
+        trainability stay). HF Trainer resumes a checkpoint this way. A failed load puts the old tensors back."""
+        own = self.peft_config[adapter_name].peft_type
+        if cfg.peft_type != own:
+            raise ValueError(f"{directory} holds a {cfg.peft_type} adapter, but adapter {adapter_name!r} is {own}; "
+                             f"load it under a new adapter_name")
+        before = files.adapter_state_dict(self, adapter_name)
+        try:
+            files.load_adapter_state(self, adapter_name, files.read_weights(directory))
+        except Exception:
+            files.load_adapter_state(self, adapter_name, before)
+            raise
+        if not is_trainable:
+            self.eval()
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_ignored) -> PeftModel:

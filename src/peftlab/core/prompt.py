@@ -2,9 +2,9 @@
 
 Two ways in, both through `Tuner.prepare_inputs` (so training, evaluation and `generate()` all go through them):
   embeddings  n virtual token embeddings prepended to the input embeddings; attention mask, labels (-100),
-              token types and positions grow by n (prompt tuning, P-tuning). The outputs keep one position
-              per input token: logits and hidden states of the virtual positions are dropped (HF PEFT returns
-              them), so code that lines logits up with input_ids works unchanged
+              token types and positions grow by n (prompt tuning, P-tuning). The outputs cover the n virtual
+              positions too, first, as in HF PEFT: logits are (batch, n + L, vocab), so PEFT code that slices
+              `logits[:, n:]` lines up; peftlab's evaluators take the last L positions
   prefix      per-layer key/value prefixes, handed to the model as a transformers `DynamicCache` that already
               holds n positions; the attention mask grows by n, positions start at n (prefix tuning, P-tuning v2)
 The trainable tensors live in `model.prompt_encoder[adapter_name]` (HF PEFT's attribute path): an `embedding`
@@ -168,33 +168,6 @@ class VirtualTokenTuner(Tuner):
     def unload(self, model):
         if encoders(model) is not None:
             del model.prompt_encoder
-        for key, hook in list(model._forward_hooks.items()):
-            if isinstance(hook, DropVirtualPositions):
-                del model._forward_hooks[key]
-                model._forward_hooks_with_kwargs.pop(key, None)
-
-
-class DropVirtualPositions:
-    """Forward hook on the Transformers model: when the input embeddings carry n virtual tokens (marked by
-    prepend_embeddings), per-position outputs keep only the positions of the real inputs (the last ones)."""
-
-    def __call__(self, module, args, kwargs, output):
-        marker = getattr(kwargs.get("inputs_embeds"), "peftlab_virtual", None)
-        if marker is None:
-            return None
-        length = marker[1]
-        logits = getattr(output, "logits", None)
-        if logits is not None and logits.dim() == 3 and logits.shape[1] > length:  # not with logits_to_keep < L
-            output.logits = logits[:, logits.shape[1] - length:]
-        if getattr(output, "hidden_states", None) is not None:
-            output.hidden_states = tuple(h[:, h.shape[1] - length:] for h in output.hidden_states)
-        return output
-
-
-def drop_virtual_positions(model: nn.Module) -> None:
-    """Install the DropVirtualPositions hook once (a plain object, so a deep copy of the model keeps it working)."""
-    if not any(isinstance(h, DropVirtualPositions) for h in model._forward_hooks.values()):
-        model.register_forward_hook(DropVirtualPositions(), with_kwargs=True)
 
 
 # -- the two ways in ---------------------------------------------------------------------------------------
@@ -262,8 +235,6 @@ def prepend_embeddings(model: nn.Module, prompts: torch.Tensor, kwargs: dict, ge
         kwargs["position_ids"] = torch.cat([torch.arange(n, device=pos.device).expand(b, n), pos + n], dim=1)
     if not generate and _reads_last_token(model) and kwargs.get("attention_mask") is not None:
         _left_align(kwargs)
-    if not generate:
-        kwargs["inputs_embeds"].peftlab_virtual = (n, length)  # for DropVirtualPositions
     return kwargs
 
 

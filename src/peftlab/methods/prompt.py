@@ -14,8 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..core.prompt import (PromptLearningConfig, VirtualTokenEncoder, VirtualTokenTuner, drop_virtual_positions,
-                           encoders, prepend_embeddings)
+from ..core.prompt import PromptLearningConfig, VirtualTokenEncoder, VirtualTokenTuner, encoders, prepend_embeddings
 from ..core.registry import MethodInfo, register_method, register_tuner
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
@@ -100,10 +99,6 @@ class LSTMHead(nn.Module):
 
 
 class _EmbeddingPromptTuner(VirtualTokenTuner):
-    def inject(self, model, config, adapter_name):
-        super().inject(model, config, adapter_name)
-        drop_virtual_positions(model)
-
     def prepare_inputs(self, model, adapter_name, config, kwargs, generate):
         box = encoders(model)
         if box is None or box.disabled:

@@ -408,16 +408,8 @@ def train(model, train_examples: Sequence[dict], collate, config: TrainConfig,
 
 
 def method_hooks_callback():
-    """An HF `TrainerCallback` that runs peftlab's per-step method hooks (`PeftModel.on_step_end`) under HF Trainer,
-    at the same point as peftlab's loop: after the optimizer step, before the gradients are zeroed."""
-    from transformers import TrainerCallback
-
-    class MethodHooks(TrainerCallback):
-        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-            target = model
-            while not isinstance(target, PeftModel) and isinstance(getattr(target, "module", None), torch.nn.Module):
-                target = target.module  # DDP / accelerate wrappers keep the model at .module
-            if isinstance(target, PeftModel):
-                target.on_step_end(state.global_step)
-
+    """An HF `TrainerCallback` that runs peftlab's per-step method hooks (`PeftModel.on_step_end`) under a plain
+    transformers.Trainer, at the same point as peftlab's loop: after the optimizer step, before the gradients are
+    zeroed. `peftlab.Trainer` adds it by itself."""
+    from .hf_trainer import MethodHooks
     return MethodHooks()

@@ -63,6 +63,12 @@ def forward_accepts(model, name: str) -> bool:
         return False
 
 
+def _input_positions(logits: torch.Tensor, length: int) -> torch.Tensor:
+    """The logits of the last `length` positions (batch, length, V): prompt methods also return their virtual
+    positions, first (HF PEFT's shape), so the positions of the inputs are always the last ones."""
+    return logits[:, logits.shape[1] - length:] if logits.shape[1] > length else logits
+
+
 def _eval_mode(model):
     was = model.training
     model.eval()
@@ -162,7 +168,7 @@ def sequence_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_
                     labels = labels[:, first - 1:]
             if not forward_accepts(model, "position_ids"):
                 batch.pop("position_ids")
-            logits = model(**batch).logits.float()
+            logits = _input_positions(model(**batch).logits.float(), labels.shape[1])
             lp = torch.log_softmax(logits[:, :-1], -1)
             tgt = labels[:, 1:]
             tok_lp = lp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (tgt != -100)
@@ -272,6 +278,7 @@ def eval_loss(model, examples: Sequence[dict], collate, batch_size: int = 16) ->
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
             labels = batch["labels"]
             if labels.dim() == 2:  # causal: position t predicts token t+1
+                logits = _input_positions(logits, labels.shape[1])
                 loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
                 n = int((labels[:, 1:] != -100).sum())
             else:
