@@ -64,7 +64,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     eval_every: Optional[int] = None
     save_every: Optional[int] = None   # checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2          # newest checkpoints kept (0: all); the newest and the best always stay
     log_every: int = 10
     seed: int = 0
     resume: bool = False
@@ -82,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"keep_checkpoints must be >= 0 (0 keeps every checkpoint), got {self.keep_checkpoints}")
 
     def total_steps(self, n_examples: int) -> int:
         if self.steps is not None:
@@ -404,7 +406,9 @@ def save(state: TrainState) -> Optional[Path]:
         state.dist.barrier()  # rank 0 is writing
         return ckpt.latest_checkpoint(state.out_dir)
     extra = {"total_steps": state.total, "data_position": state.stream.position, "tokens_seen": state.tokens_seen,
-             "elapsed_s": state.elapsed0 + time.time() - state.t0, "run": state.config.resume_signature()}
+             "elapsed_s": state.elapsed0 + time.time() - state.t0, "run": state.config.resume_signature(),
+             # this step's evaluation, if it had one: checkpoint pruning keeps the best (lowest eval_loss)
+             "eval": state.evals[-1] if state.evals and state.evals[-1]["step"] == state.step else None}
     path = ckpt.save_checkpoint(state.out_dir, state.step, state.model, state.optimizer, state.scheduler, extra,
                                 state.scaler, save_adapter=state.save_adapter, keep=state.config.keep_checkpoints)
     if state.dist:
