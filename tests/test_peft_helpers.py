@@ -229,7 +229,7 @@ def test_auto_peft_model_resizes_to_the_saved_tokenizer_and_loads_the_embeddings
     from test_train import char_tokenizer
     base_dir = _saved_base(tmp_path / "base")
     tok = char_tokenizer()
-    tok.add_tokens([f"<new{i}>" for i in range(50)])  # 134 tokens > the base's 128 embeddings
+    tok.add_tokens([f"<new{i}>" for i in range(134 - len(tok))])  # 134 tokens > the base's 128 embeddings
     base = LlamaForCausalLM.from_pretrained(base_dir)
     base.resize_token_embeddings(len(tok))
     ours = peftlab.get_peft_model(base, peftlab.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
