@@ -167,35 +167,35 @@ def test_auto_peft_model_for_causal_lm_loads_the_named_base_both_ways(tmp_path):
         assert (_logits(mine) - _logits(trained.eval())).abs().max() <= TOL
 
 
-def test_auto_peft_model_classes_pick_the_task_class_and_refuse_the_wrong_one(tmp_path):
-    base_dir = _saved_base(tmp_path / "base", lambda: tiny_llama(num_labels=3))
-    kw = dict(r=4, task_type="SEQ_CLS", target_modules=["q_proj", "v_proj"])
-    ours = peftlab.get_peft_model(LlamaForSequenceClassification.from_pretrained(base_dir), peftlab.LoraConfig(**kw))
+def _auto_both_ways(tmp_path, cls_name, base_cls, make, **kw):
+    """Our adapter on a saved base, loaded by our and PEFT's AutoPeftModel class of that name: same outputs."""
+    base_dir = _saved_base(tmp_path / "base", make)
+    ours = peftlab.get_peft_model(base_cls.from_pretrained(base_dir), peftlab.LoraConfig(**kw))
     perturb_trainable(ours)
-    ours.save_pretrained(tmp_path / "cls")
-    mine = peftlab.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "cls")
-    ref = peft.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "cls")
-    assert type(mine.get_base_model()) is LlamaForSequenceClassification
+    ours.save_pretrained(tmp_path / "a")
+    mine = getattr(peftlab, cls_name).from_pretrained(tmp_path / "a")
+    ref = getattr(peft, cls_name).from_pretrained(tmp_path / "a")
+    assert type(mine.get_base_model()) is base_cls
     assert (_logits(mine) - _logits(ref)).abs().max() <= TOL
+    return tmp_path / "a"
+
+
+def test_auto_peft_model_classes_pick_the_task_class_and_refuse_the_wrong_one(tmp_path):
+    adapter = _auto_both_ways(tmp_path, "AutoPeftModelForSequenceClassification", LlamaForSequenceClassification,
+                              lambda: tiny_llama(num_labels=3), r=4, task_type="SEQ_CLS",
+                              target_modules=["q_proj", "v_proj"])
     with pytest.raises(ValueError, match="task_type is SEQ_CLS; use AutoPeftModelForSequenceClassification"):
-        peftlab.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "cls")
+        peftlab.AutoPeftModelForCausalLM.from_pretrained(adapter)
     with pytest.raises(ValueError, match="Cannot use `AutoPeftModel` with a task type"):
-        peftlab.AutoPeftModel.from_pretrained(tmp_path / "cls")
+        peftlab.AutoPeftModel.from_pretrained(adapter)
     with pytest.raises(OSError, match="from_pretrained"):
         peftlab.AutoPeftModelForCausalLM()
 
 
 def test_auto_peft_model_without_task_type_uses_auto_mapping(tmp_path):
-    base_dir = _saved_base(tmp_path / "base")
-    ours = peftlab.get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), peftlab.LoraConfig(**LORA))
-    perturb_trainable(ours)
-    ours.save_pretrained(tmp_path / "a")
-    mine = peftlab.AutoPeftModel.from_pretrained(tmp_path / "a")
-    ref = peft.AutoPeftModel.from_pretrained(tmp_path / "a")
-    assert type(mine.get_base_model()) is LlamaForCausalLM
-    assert (_logits(mine) - _logits(ref)).abs().max() <= TOL
+    adapter = _auto_both_ways(tmp_path, "AutoPeftModel", LlamaForCausalLM, tiny_llama, **LORA)
     with pytest.raises(ValueError, match="not in the import allowlist"):
-        peftlab.AutoPeftModel.from_pretrained(tmp_path / "a", import_allowlist=["diffusers"])
+        peftlab.AutoPeftModel.from_pretrained(adapter, import_allowlist=["diffusers"])
 
 
 @pytest.mark.parametrize("cls,task,make", [

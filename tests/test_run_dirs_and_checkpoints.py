@@ -13,25 +13,13 @@ from peftlab import cli
 from peftlab.train import checkpoint as ckpt
 from peftlab.train.jobs import EvalConfig, JobConfig, JobError, run_eval, run_job
 from peftlab.train.jobs.inputs import pick_eval_records
-from test_train import WORDS, save_tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def pc_file(tmp_path_factory):
-    f = tmp_path_factory.mktemp("data") / "pc.jsonl"
-    f.write_text("".join(json.dumps({"prompt": f"Q: {w}?\nA:", "completion": " " + w[::-1]}) + "\n" for w in WORDS))
-    return f
+from test_jobs import pc_file, tiny_dir, tiny_job  # noqa: F401 - the shared module fixtures
+from test_train import WORDS
 
 
 def _job(tiny_dir, pc_file, output, **kw) -> JobConfig:
-    return JobConfig(**{**dict(model=str(tiny_dir), data=str(pc_file), eval_data=str(pc_file), output=str(output),
-                               steps=4, batch_size=4, lr=1e-2, r=4, target_modules="all-linear", max_new_tokens=6,
-                               progress=False, forgetting=False, eval_before=False), **kw})
+    """test_jobs' tiny run, scoring the eval file whole (the default) and not before training."""
+    return tiny_job(tiny_dir, pc_file, output, **{"eval_size": None, "eval_before": False, **kw})
 
 
 @pytest.fixture(scope="module")

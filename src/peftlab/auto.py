@@ -113,29 +113,23 @@ class AutoPeftModel(_BaseAutoPeftModel):
     """Adapters without a task type: the base class comes from the adapter's auto_mapping."""
 
 
-class AutoPeftModelForCausalLM(_BaseAutoPeftModel):
-    _target_class, _task_type = "AutoModelForCausalLM", "CAUSAL_LM"
+def _for_task(name: str, target: str, task_type: str) -> type:
+    """PEFT's AutoPeftModelFor<Task>: adapters of `task_type` on a base built by transformers.<target>."""
+    doc = f"Loads {task_type} adapters on a base built by transformers.{target}.from_pretrained."
+    return type(name, (_BaseAutoPeftModel,), {"_target_class": target, "_task_type": task_type, "__doc__": doc,
+                                              "__module__": __name__})
 
 
-class AutoPeftModelForSeq2SeqLM(_BaseAutoPeftModel):
-    _target_class, _task_type = "AutoModelForSeq2SeqLM", "SEQ_2_SEQ_LM"
-
-
-class AutoPeftModelForSequenceClassification(_BaseAutoPeftModel):
-    _target_class, _task_type = "AutoModelForSequenceClassification", "SEQ_CLS"
-
-
-class AutoPeftModelForTokenClassification(_BaseAutoPeftModel):
-    _target_class, _task_type = "AutoModelForTokenClassification", "TOKEN_CLS"
-
-
-class AutoPeftModelForQuestionAnswering(_BaseAutoPeftModel):
-    _target_class, _task_type = "AutoModelForQuestionAnswering", "QUESTION_ANS"
-
-
-class AutoPeftModelForFeatureExtraction(_BaseAutoPeftModel):
-    _target_class, _task_type = "AutoModel", "FEATURE_EXTRACTION"
-
+# (the task classes PEFT has; each a subclass, so isinstance checks and pickling by name work as for PEFT's)
+AutoPeftModelForCausalLM = _for_task("AutoPeftModelForCausalLM", "AutoModelForCausalLM", "CAUSAL_LM")
+AutoPeftModelForSeq2SeqLM = _for_task("AutoPeftModelForSeq2SeqLM", "AutoModelForSeq2SeqLM", "SEQ_2_SEQ_LM")
+AutoPeftModelForSequenceClassification = _for_task("AutoPeftModelForSequenceClassification",
+                                                   "AutoModelForSequenceClassification", "SEQ_CLS")
+AutoPeftModelForTokenClassification = _for_task("AutoPeftModelForTokenClassification",
+                                                "AutoModelForTokenClassification", "TOKEN_CLS")
+AutoPeftModelForQuestionAnswering = _for_task("AutoPeftModelForQuestionAnswering", "AutoModelForQuestionAnswering",
+                                              "QUESTION_ANS")
+AutoPeftModelForFeatureExtraction = _for_task("AutoPeftModelForFeatureExtraction", "AutoModel", "FEATURE_EXTRACTION")
 
 _CLASS_FOR_TASK = {c._task_type: c.__name__ for c in _BaseAutoPeftModel.__subclasses__() if c._task_type}
 
