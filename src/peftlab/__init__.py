@@ -4,11 +4,21 @@ from .core.functional import hf_peft_numerics
 from .core.model import PeftModel, get_peft_model
 from .core.registry import get_method, list_methods
 from .methods.lora import LoraConfig
+from .auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction,
+                   AutoPeftModelForQuestionAnswering, AutoPeftModelForSeq2SeqLM,
+                   AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification)
+from .helpers import (TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status,
+                      get_peft_model_state_dict, inject_adapter_in_model, prepare_model_for_kbit_training,
+                      set_peft_model_state_dict)
 
 __version__ = "0.1.0"
 
 __all__ = ["PeftConfig", "PeftModel", "hf_peft_numerics", "get_peft_model", "get_method", "list_methods", "LoraConfig",
-           "__version__"]
+           "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
+           "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
+           "AutoPeftModelForTokenClassification", "TunerLayerStatus", "TunerModelStatus", "get_layer_status",
+           "get_model_status", "get_peft_model_state_dict", "inject_adapter_in_model",
+           "prepare_model_for_kbit_training", "set_peft_model_state_dict", "__version__"]
 
 
 def __getattr__(name: str):

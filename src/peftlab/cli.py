@@ -48,7 +48,8 @@ DATA = [
     _opt("--max-length", type=int, help="tokens per example"),
     _opt("--chat-template", action=argparse.BooleanOptionalAction,
          help="wrap prompts in the model's chat template (instruct models)"),
-    _opt("--eval-size", type=int, help="held-out examples to evaluate (a fixed sample; 0 = all)"),
+    _opt("--eval-size", type=int, help="held-out examples to evaluate: a fixed sample of N, 0 = all (default: a "
+         "built-in task's fixed sample of 200; a data file whole)"),
     _opt("--max-new-tokens", type=int, help="generation length for exact-match scoring"),
     _opt("--eval-batch-size", type=int),
 ]
@@ -74,6 +75,9 @@ TRAIN = [
     _opt("--gradient-checkpointing", action="store_true"),
     _opt("--eval-every", type=int, help="evaluate every N steps"),
     _opt("--save-every", type=int, help="checkpoint every N steps (also at the end and on SIGINT/TERM)"),
+    _opt("--keep-checkpoints", type=int, metavar="N",
+         help="keep the newest N checkpoints, 0 = all (like Trainer's save_total_limit; the newest and the one with "
+              "the best eval_loss are never removed)"),
     _opt("--log-every", type=int),
     _opt("--resume", action="store_true", help="continue from the newest checkpoint in --output"),
     _opt("--nproc", type=int, help="processes (data parallel)"),
@@ -84,7 +88,7 @@ TRAIN = [
     _opt("--progress", action=argparse.BooleanOptionalAction),
 ]
 EVAL = [
-    _opt("--adapter", help="adapter directory (omit to evaluate the base model)"),
+    _opt("--adapter", help="adapter directory, or a train run's --output (its adapter/); omit for the base model"),
     _opt("--split", choices=["eval", "test"], help="built-in tasks: which held-out split"),
     _opt("--few-shot", type=int, help="generation tasks: k training examples before each prompt"),
     _opt("--forgetting", action=argparse.BooleanOptionalAction,
@@ -92,7 +96,7 @@ EVAL = [
     _opt("--forgetting-size", type=int),
 ]
 MERGE = [
-    _opt("--adapter", help="adapter directory"),
+    _opt("--adapter", help="adapter directory, or a train run's --output (its adapter/)"),
     _opt("--output", help="directory for the merged Transformers model"),
 ]
 TABLES = {"train": MODEL + DATA + TRAIN, "eval": MODEL + DATA + EVAL, "merge": MODEL + MERGE, "methods": [],

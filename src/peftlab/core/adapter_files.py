@@ -4,22 +4,27 @@ A directory holds adapter_config.json + adapter_model.safetensors; an adapter no
 subfolder of its name. Saved keys are `base_model.model.<module>.<tensor>` with the adapter name removed
 (prompt-learning methods: the bare `prompt_embeddings`, heads under `base_model.<head>`); adapter-level tensors
 (VeRA's shared projections) are written without the module prefix (tuner.ABSOLUTE_KEY). PeftModel's
-save_pretrained / from_pretrained / load_adapter / adapter_state_dict are these functions.
+save_pretrained / from_pretrained / load_adapter / adapter_state_dict are these functions. Beside an adapter, the
+input/output embedding matrices are stored when `save_embedding_layers` says so (HF PEFT's rule, hf/embeddings.py).
 """
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
+import torch.nn as nn
 
 from .config import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, PeftConfig
 from .io import load_tensors, save_tensors
+from .layer import AdaptedLayer
 from .loading import check_keys, check_shape, copy_checked
 from .registry import get_tuner, registered_peft_types
-from .tuner import ABSOLUTE_KEY
+from .tuner import ABSOLUTE_KEY, adapted_layers
+from ..hf import embeddings
 
 if TYPE_CHECKING:
     from .model import PeftModel
@@ -47,8 +52,10 @@ def key_prefix(tuner) -> str:
     return "base_model." if tuner.is_prompt_learning else PREFIX
 
 
-def adapter_state_dict(pm: "PeftModel", adapter_name: str) -> dict[str, torch.Tensor]:
-    """The tensors of one adapter under HF PEFT's saved key names: the tuner's, trained heads', trained biases'."""
+def adapter_state_dict(pm: "PeftModel", adapter_name: str,
+                       save_embedding_layers: Union[bool, str] = False) -> dict[str, torch.Tensor]:
+    """The tensors of one adapter under HF PEFT's saved key names: the tuner's, trained heads', trained biases',
+    and the embedding matrices where save_embedding_layers (True, False, "auto") says so."""
     cfg = pm.peft_config[adapter_name]
     tuner = pm._tuner(adapter_name)
     state = tuner.export_state(pm.model, adapter_name, cfg)
@@ -63,7 +70,45 @@ def adapter_state_dict(pm: "PeftModel", adapter_name: str) -> dict[str, torch.Te
                 out[f"{prefix}{name}.{k}"] = v
     for k, p in pm._bias_parameters(cfg, adapter_name).items():
         out[prefix + k] = p
-    return out
+    return {**embedding_state_dict(pm, adapter_name, save_embedding_layers), **out}  # the method's keys win
+
+
+def _base_of_adapted(layer: nn.Module) -> Optional[nn.Module]:
+    return layer.base_layer if isinstance(layer, AdaptedLayer) else None
+
+
+def embedding_state_dict(pm: "PeftModel", adapter_name: str, save: Union[bool, str]) -> dict[str, torch.Tensor]:
+    """The input/output embedding tensors HF PEFT stores beside the adapter (hf/embeddings.py), saved keys."""
+    cfg, model = pm.peft_config[adapter_name], pm.model
+    adapted = [n for n, layer in adapted_layers(model) if adapter_name in layer.adapters]
+    targeted = embeddings.embedding_targeted(adapted)
+    if not embeddings.decide(save, targeted, model, cfg.base_model_name_or_path):
+        return {}
+    if not embeddings.is_transformers_model(model):
+        warnings.warn("Could not identify embedding layer(s) because the model is not a 🤗 transformers model.")
+        return {}
+    modules = embeddings.embedding_modules(model, targeted, _base_of_adapted)
+    prefix = key_prefix(pm._tuner(adapter_name))
+    return {prefix + k: v for k, v in embeddings.embedding_state(modules).items()}
+
+
+def _load_embeddings(pm: "PeftModel", adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Stored embedding matrices of layers that are not adapted (a resized vocabulary) go into the model's own
+    embedding modules; a size mismatch says to resize first. (Adapted ones arrive as `<layer>.base_layer.*`, and a
+    key the method itself saves, e.g. a selective method's tuned embedding, stays the method's.)"""
+    modules = embeddings.embedding_modules(pm.model, False, _base_of_adapted) if tensors else {}
+    wanted = {name: {k: v for k, v in m.state_dict(keep_vars=True).items() if f"{name}.{k}" in tensors}
+              for name, m in modules.items() if not isinstance(m, AdaptedLayer)}
+    if not any(wanted.values()):
+        return
+    cfg = pm.peft_config[adapter_name]
+    claimed = set(pm._tuner(adapter_name).export_state(pm.model, adapter_name, cfg))
+    for name, own in wanted.items():
+        part = {k: tensors.pop(f"{name}.{k}") for k in own if f"{name}.{k}" not in claimed}
+        if part:
+            copy_checked(name, part, own, type(modules[name]).__name__, allow_missing=True,
+                         hint="the adapter was saved with a resized vocabulary: call "
+                              "model.resize_token_embeddings(len(tokenizer)) on the base first")
 
 
 def load_adapter_state(pm: "PeftModel", adapter_name: str, saved: dict[str, torch.Tensor]) -> None:
@@ -86,11 +131,14 @@ def load_adapter_state(pm: "PeftModel", adapter_name: str, saved: dict[str, torc
         for k, t in part.items():
             check_shape(name, k, t, own[k])
         wrapper.copies[adapter_name].load_state_dict(part)
+    _load_embeddings(pm, adapter_name, tensors)
     tuner.import_state(pm.model, adapter_name, cfg, tensors)
 
 
-def save_adapters(pm: "PeftModel", root: Path, names: list[str], initial_dir: Optional[str | os.PathLike]) -> None:
-    """Write each named adapter (atomically, file by file); with initial_dir, PiSSA/CorDA converted to plain."""
+def save_adapters(pm: "PeftModel", root: Path, names: list[str], initial_dir: Optional[str | os.PathLike],
+                  save_embedding_layers: Union[bool, str] = "auto") -> None:
+    """Write each named adapter (atomically, file by file); with initial_dir, PiSSA/CorDA converted to plain;
+    the embedding matrices beside it as save_embedding_layers decides (HF PEFT's rule)."""
     if root.exists() and not root.is_dir():
         raise ValueError(f"save_directory {root} exists and is a file")
     for name in names:
@@ -101,6 +149,7 @@ def save_adapters(pm: "PeftModel", root: Path, names: list[str], initial_dir: Op
         tensors = adapter_state_dict(pm, name)
         if initial_dir is not None:
             tensors, cfg = _convert_to_plain(pm, name, tensors, Path(initial_dir))
+        tensors = {**embedding_state_dict(pm, name, save_embedding_layers), **tensors}
         out = root if name == "default" else root / name
         out.mkdir(parents=True, exist_ok=True)
         save_tensors(out / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
@@ -119,11 +168,13 @@ def _convert_to_plain(pm: "PeftModel", name: str, tensors: dict, initial_dir: Pa
     return tuner.convert_to_plain(tensors, cfg, load_tensors(initial_dir / WEIGHTS_NAME))
 
 
-def adapter_dir(model_id: str | os.PathLike) -> Path:
-    directory = Path(model_id)
+def adapter_dir(model_id: str | os.PathLike, subfolder: Optional[str] = None) -> Path:
+    """The local directory holding the adapter files: model_id, or its `subfolder` (HF PEFT's argument)."""
+    directory = Path(model_id) / subfolder if subfolder else Path(model_id)
     if not directory.is_dir():
-        raise FileNotFoundError(f"adapter directory {directory} does not exist (peftlab loads adapters from local "
-                                f"directories holding {CONFIG_NAME} and {WEIGHTS_NAME})")
+        where = f"subfolder {subfolder!r} of {model_id}" if subfolder else f"adapter directory {directory}"
+        raise FileNotFoundError(f"{where} does not exist (peftlab loads adapters from local directories holding "
+                                f"{CONFIG_NAME} and {WEIGHTS_NAME})")
     return directory
 
 

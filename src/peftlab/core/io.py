@@ -1,7 +1,9 @@
 """Safe file I/O: atomic writes (temp file + fsync + rename) and safetensors-only adapter weights."""
 from __future__ import annotations
 
+import errno
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -23,6 +25,15 @@ def _atomic_replace(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def as_os_error(error: BaseException, path: str | os.PathLike) -> OSError:
+    """A failed write as an OSError naming the file: safetensors reports I/O failures (a full disk) as
+    SafetensorError("... I/O error: No space left on device (os error 28)"); its errno is kept."""
+    if isinstance(error, OSError):
+        return OSError(error.errno, error.strerror or str(error), str(path))
+    code = re.search(r"os error (\d+)", str(error))
+    return OSError(int(code.group(1)) if code else errno.EIO, str(error), str(path))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -52,6 +63,9 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        os.path.exists(tmp) and os.unlink(tmp)
+        raise as_os_error(e, path) from e
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

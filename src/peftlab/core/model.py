@@ -9,7 +9,7 @@ import contextlib
 import os
 import re
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -51,14 +51,26 @@ class PeftModel(nn.Module):
         super().__init__()
         # forward presents the base model's signature, so HF Trainer keeps input_ids/labels (core/signature.py)
         self.__class__ = with_base_signature(type(self), type(model))
-        self.base_model = AdaptedModel(model)
-        self.siblings = SiblingFusion()  # layers reading one input train as one node (core/siblings.py)
-        self.peft_config: dict[str, PeftConfig] = {}
-        self._active: list[str] = []
+        self._hold(model, {})
         for p in model.parameters():
             p.requires_grad_(False)
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
+
+    def _hold(self, model: nn.Module, peft_config: dict[str, PeftConfig]) -> None:
+        self.base_model = AdaptedModel(model)
+        self.siblings = SiblingFusion()  # layers reading one input train as one node (core/siblings.py)
+        self.peft_config: dict[str, PeftConfig] = peft_config
+        self._active: list[str] = list(peft_config)
+
+    @classmethod
+    def over_injected(cls, model: nn.Module, peft_config: dict[str, PeftConfig]) -> "PeftModel":
+        """A PeftModel over a model whose adapters are in place already (helpers.inject_adapter_in_model): nothing
+        is injected, frozen or activated; the helpers use it to read and load such a model's adapter tensors."""
+        pm = cls.__new__(cls)
+        nn.Module.__init__(pm)
+        pm._hold(model, peft_config)
+        return pm
 
     # -- attribute forwarding so the model drops into HF Trainer / generate code --------------------------
     def __getattr__(self, name: str):
@@ -364,24 +376,38 @@ class PeftModel(nn.Module):
         t, n = self.get_nb_trainable_parameters()
         print(f"trainable params: {t:,d} || all params: {n:,d} || trainable%: {100 * t / n:.4f}")
 
+    def get_layer_status(self) -> list:
+        """HF PEFT's TunerLayerStatus of every adapted layer and head copy (core/status.py)."""
+        from .status import layer_status
+        return layer_status(self)
+
+    def get_model_status(self):
+        """HF PEFT's TunerModelStatus: the layer statuses summarised, "irregular" where layers disagree."""
+        from .status import model_status
+        return model_status(self)
+
     # -- saving and loading: HF PEFT's files (core/adapter_files.py) -------------------------------------------
     def adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
         """The tensors of one adapter under HF PEFT's saved key names."""
         return files.adapter_state_dict(self, adapter_name)
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Optional[list[str]] = None,
-                        safe_serialization: bool = True, is_main_process: bool = True,
+                        save_embedding_layers: Union[bool, str] = "auto", safe_serialization: bool = True,
+                        is_main_process: bool = True,
                         path_initial_model_for_weight_conversion: Optional[str] = None, **_ignored) -> None:
         if not safe_serialization:
-            raise ValueError("peftlab writes safetensors only (pickle files can execute code when loaded)")
+            raise ValueError("save_pretrained(safe_serialization=False): peftlab writes safetensors only, because a "
+                             "pickled adapter_model.bin can run arbitrary code when it is loaded; drop the argument "
+                             "(HF PEFT and Transformers read adapter_model.safetensors)")
         if is_main_process:
             files.save_adapters(self, Path(save_directory), selected_adapters or list(self.peft_config),
-                                path_initial_model_for_weight_conversion)
+                                path_initial_model_for_weight_conversion, save_embedding_layers)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, config: Optional[PeftConfig] = None, **_ignored) -> "PeftModel":
-        directory = files.adapter_dir(model_id)
+                        is_trainable: bool = False, config: Optional[PeftConfig] = None,
+                        subfolder: Optional[str] = None, **_ignored) -> "PeftModel":
+        directory = files.adapter_dir(model_id, subfolder)
         cfg = config if config is not None else PeftConfig.from_pretrained(directory)
         cfg = cfg.replace(inference_mode=not is_trainable)
         peft_model = cls(model, cfg, adapter_name)
@@ -391,8 +417,8 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     **_ignored) -> None:
-        directory = files.adapter_dir(model_id)
+                     subfolder: Optional[str] = None, **_ignored) -> None:
+        directory = files.adapter_dir(model_id, subfolder)
         cfg = PeftConfig.from_pretrained(directory).replace(inference_mode=not is_trainable)
         if adapter_name in self.peft_config:
             self._reload_adapter(adapter_name, cfg, directory, is_trainable)

@@ -14,7 +14,9 @@ complete one. Nothing is pickled: tensors go to safetensors, everything else to 
 """
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import random
 import shutil
@@ -24,9 +26,10 @@ from typing import Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..core.io import atomic_write_text
+from ..core.io import as_os_error, atomic_write_text
 
 DIR = "checkpoints"
 LATEST = "latest"
@@ -140,30 +143,74 @@ def _save_st(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         os.fsync(f.fileno())
 
 
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint (or the run's adapter) failed, e.g. on a full disk. The message names the file, the
+    last good checkpoint (never touched by a failed save) and how to continue."""
+
+
+def write_failure(path: Path, error: BaseException, output_dir: str | os.PathLike) -> CheckpointWriteError:
+    """The one message for a failed save: which file, why, which checkpoint is intact, how to continue."""
+    error = as_os_error(error, path)
+    reason = error.strerror or str(error)
+    try:
+        good = latest_checkpoint(output_dir)
+    except FileNotFoundError:
+        good = None
+    intact = (f"the last good checkpoint {good} is intact; continue from it with --resume (the same command and "
+              f"--output)" if good else "no earlier checkpoint exists, so the run starts over when rerun")
+    space = "free disk space, then " if error.errno == errno.ENOSPC else ""
+    return CheckpointWriteError(f"could not write {path} ({reason}); {space}{intact}")
+
+
+def _put(final: Path, tmp: Path, fname: str, write, output_dir) -> None:
+    """write(tmp / fname), naming the file's final place in the error when it fails."""
+    try:
+        write(tmp / fname)
+    except (OSError, SafetensorError) as e:
+        # a file inside a folder being written (adapter/adapter_model.safetensors) is named by its final place
+        inner = Path(e.filename) if isinstance(e, OSError) and e.filename else None
+        shown = final / inner.relative_to(tmp) if inner and tmp / fname in inner.parents else final / fname
+        raise write_failure(shown, e, output_dir) from e
+
+
+def _write_files(tmp: Path, final: Path, model, optimizer, scheduler, state: dict, scaler, save_adapter: bool,
+                 output_dir) -> None:
+    _put(final, tmp, "trainable.safetensors", lambda p: _save_st(p, trainable_state(model)), output_dir)
+    opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+    _put(final, tmp, "optimizer.safetensors", lambda p: _save_st(p, opt_tensors), output_dir)
+    rng_tensors, rng_plain = rng_state()
+    _put(final, tmp, "rng.safetensors", lambda p: _save_st(p, rng_tensors), output_dir)
+    peft_config = getattr(model, "peft_config", None) or {}
+    full = dict(state, optimizer=opt_meta, rng=rng_plain, scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict() if scaler is not None else None,
+                adapter_configs={n: c.to_dict() for n, c in peft_config.items()})
+    _put(final, tmp, "trainer_state.json", lambda p: _write_json(p, full), output_dir)
+    if save_adapter and hasattr(model, "save_pretrained") and peft_config:
+        _put(final, tmp, "adapter", model.save_pretrained, output_dir)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    with open(path, "w") as f:
+        f.write(json.dumps(obj, indent=1, default=_json_default))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_checkpoint(output_dir: str | os.PathLike, step: int, model, optimizer, scheduler, state: dict,
                     scaler=None, save_adapter: bool = True, keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically and make it `latest`; keep the newest `keep` checkpoints."""
+    """Write checkpoint `step` atomically and make it `latest`; keep the newest `keep` checkpoints (0: all) and the
+    best (the lowest eval_loss of a checkpoint written at an evaluation, `state["eval"]`). A failed write raises
+    CheckpointWriteError and leaves every earlier checkpoint as it was."""
     root = Path(output_dir) / DIR
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
     try:
-        _save_st(tmp / "trainable.safetensors", trainable_state(model))
-        opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
-        _save_st(tmp / "optimizer.safetensors", opt_tensors)
-        rng_tensors, rng_plain = rng_state()
-        _save_st(tmp / "rng.safetensors", rng_tensors)
-        peft_config = getattr(model, "peft_config", None) or {}
-        full = dict(state, step=step, optimizer=opt_meta, rng=rng_plain, scheduler=scheduler.state_dict(),
-                    scaler=scaler.state_dict() if scaler is not None else None,
-                    adapter_configs={n: c.to_dict() for n, c in peft_config.items()})
-        text = json.dumps(full, indent=1, default=_json_default)
-        with open(tmp / "trainer_state.json", "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if save_adapter and hasattr(model, "save_pretrained") and peft_config:
-            model.save_pretrained(tmp / "adapter")
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+    except OSError as e:
+        raise write_failure(root / name, e, output_dir) from e
+    try:
+        _write_files(tmp, root / name, model, optimizer, scheduler, dict(state, step=step), scaler, save_adapter,
+                     output_dir)
         _fsync_dir(tmp)
         final = root / name
         if final.exists():
@@ -173,7 +220,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, optimizer, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(root / LATEST, name + "\n")
+    _put(root, root, LATEST, lambda p: atomic_write_text(p, name + "\n"), output_dir)
     _prune(root, keep, name)
     return root / name
 
@@ -188,10 +235,29 @@ def _json_default(o):
     raise TypeError(f"cannot store {type(o).__name__} in a checkpoint")
 
 
+def _eval_loss(path: Path) -> float:
+    """The eval_loss recorded with a checkpoint (inf when it was not written at an evaluation)."""
+    try:
+        value = (json.loads((path / "trainer_state.json").read_text()).get("eval") or {}).get("eval_loss")
+    except (OSError, ValueError):
+        return math.inf
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
+
+
+def best_checkpoint(root: Path) -> Optional[str]:
+    """The checkpoint with the lowest recorded eval_loss (HF Trainer's default metric_for_best_model), or None."""
+    scored = [(_eval_loss(p), p.name) for p in sorted(root.glob("step-*")) if p.is_dir()]
+    scored = [s for s in scored if s[0] < math.inf]
+    return min(scored)[1] if scored else None
+
+
 def _prune(root: Path, keep: int, newest: str) -> None:
+    """Like HF Trainer's save_total_limit: the newest `keep` checkpoints stay, and the newest and the best are
+    never removed (so keep=1 with an evaluated best keeps two)."""
     done = sorted(p for p in root.glob("step-*") if p.is_dir())
+    protected = {newest, best_checkpoint(root)} if keep > 0 else set()
     for p in done[:-keep] if keep > 0 else []:
-        if p.name != newest:
+        if p.name not in protected:
             shutil.rmtree(p, ignore_errors=True)
     for p in root.glob(".step-*.tmp"):  # left by a crash mid-write
         shutil.rmtree(p, ignore_errors=True)

@@ -306,7 +306,9 @@ def save(state: TrainState) -> Optional[Path]:
         state.dist.barrier()  # rank 0 is writing
         return ckpt.latest_checkpoint(state.out_dir)
     extra = {"total_steps": state.total, "data_position": state.stream.position, "tokens_seen": state.tokens_seen,
-             "elapsed_s": state.elapsed0 + time.time() - state.t0, "run": state.config.resume_signature()}
+             "elapsed_s": state.elapsed0 + time.time() - state.t0, "run": state.config.resume_signature(),
+             # this step's evaluation, if it had one: checkpoint pruning keeps the best (lowest eval_loss)
+             "eval": state.evals[-1] if state.evals and state.evals[-1]["step"] == state.step else None}
     path = ckpt.save_checkpoint(state.out_dir, state.step, state.model, state.optimizer, state.scheduler, extra,
                                 state.scaler, save_adapter=state.save_adapter, keep=state.config.keep_checkpoints)
     if state.dist:

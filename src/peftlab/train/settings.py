@@ -40,7 +40,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     eval_every: Optional[int] = None
     save_every: Optional[int] = None   # checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2          # newest checkpoints kept (0: all); the newest and the best always stay
     log_every: int = 10
     seed: int = 0
     resume: bool = False
@@ -58,6 +58,8 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"keep_checkpoints must be >= 0 (0 keeps every checkpoint), got {self.keep_checkpoints}")
 
     def total_steps(self, n_examples: int) -> int:
         if self.steps is not None:

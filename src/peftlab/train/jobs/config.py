@@ -77,7 +77,8 @@ class DataOptions(ModelOptions):
     data: Optional[str] = None         # JSONL: {"prompt","completion"}, {"text"} or {"text","label"} per line
     max_length: int = 512              # tokens per example
     chat_template: bool = False        # wrap prompts in the model's chat template (instruct models)
-    eval_size: int = 200               # held-out examples evaluated (a fixed sample; 0 = all)
+    eval_size: Optional[int] = None    # held-out examples evaluated: a fixed sample of N (0 = all); None: a built-in
+                                       # task's fixed sample of 200, a data file whole (pick_eval_records)
     max_new_tokens: Optional[int] = None  # generation length for exact match (default: the task's, else 32)
     eval_batch_size: int = 64
 
@@ -106,6 +107,7 @@ class JobConfig(DataOptions):
     gradient_checkpointing: bool = False
     eval_every: Optional[int] = None   # evaluate every N steps
     save_every: Optional[int] = 50     # checkpoint every N steps (also at the end and on SIGINT/SIGTERM)
+    keep_checkpoints: int = 2          # newest checkpoints kept (0: all); the newest and the best are never removed
     log_every: int = 10
     resume: bool = False               # continue from the newest checkpoint in output
     nproc: int = 1                     # processes (data parallel; run_job itself is one of them, under torchrun)
@@ -118,7 +120,7 @@ class JobConfig(DataOptions):
 @dataclass
 class EvalConfig(DataOptions):
     """An evaluation: what `peftlab eval` takes (run it with run_eval)."""
-    adapter: Optional[str] = None      # adapter directory (None: the base model)
+    adapter: Optional[str] = None      # adapter directory, or a train run's --output (its adapter/); None: the base
     split: str = "eval"                # built-in tasks: eval | test
     few_shot: int = 0                  # generation tasks: k training examples before each prompt
     forgetting: bool = False           # also run the forgetting probe
@@ -128,5 +130,5 @@ class EvalConfig(DataOptions):
 @dataclass
 class MergeConfig(ModelOptions):
     """A merge: what `peftlab merge` takes (run it with run_merge). seed is unused; the model options are shared."""
-    adapter: Optional[str] = None      # adapter directory
+    adapter: Optional[str] = None      # adapter directory, or a train run's --output (its adapter/)
     output: Optional[str] = None       # directory for the merged Transformers model

@@ -1,6 +1,7 @@
 """Scoring a model on a job's held-out data (by its kind), the forgetting probe, and run_eval (`peftlab eval`)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -10,7 +11,7 @@ from typing import Callable, Optional
 
 from .. import metrics as M
 from .config import DataOptions, EvalConfig, JobError
-from .inputs import JobData, encode, load_base, load_data, sample
+from .inputs import JobData, adapter_directory, encode, load_base, load_data, pick_eval_records, sample
 
 Say = Callable[..., None]
 
@@ -116,12 +117,14 @@ def run_eval(config: EvalConfig, say: Say = quiet) -> dict:
     if not config.model:
         raise JobError("eval needs --model")
     from ...core.model import PeftModel
+    config = dataclasses.replace(config, adapter=adapter_directory(config.adapter))
     data = load_data(config, config.split)
     task_type, labels = adapter_kind(config.adapter)
     if data.kind == "classification":
         data.labels = _eval_labels(config, data, task_type, labels)
     records = data.eval if (data.task or data.eval) else data.train  # --data FILE: the file is the evaluation set
-    records = sample(records, config.eval_size, config.seed)
+    records, which = pick_eval_records(records, config, data.name, data.task is not None)
+    say(which + (f", with the adapter {config.adapter}" if config.adapter else ""))
     model, tok = load_base(config.model, config.device, data.kind, data.labels)
     if config.adapter:
         model = PeftModel.from_pretrained(model, config.adapter)

@@ -33,6 +33,20 @@ def sample(records: Sequence, n: int, seed: int) -> list:
     return [records[i] for i in idx]
 
 
+TASK_EVAL_SIZE = 200  # a built-in task's held-out examples scored by default (a fixed sample)
+
+
+def pick_eval_records(records: Sequence, config: DataOptions, name: str, from_task: bool) -> tuple[list, str]:
+    """The held-out records a job scores, and a line saying which: a built-in task's fixed sample of
+    TASK_EVAL_SIZE unless --eval-size says otherwise; a data file whole unless --eval-size N asks for a sample."""
+    n = config.eval_size if config.eval_size is not None else (TASK_EVAL_SIZE if from_task else 0)
+    chosen = sample(records, n, config.seed)
+    if len(chosen) == len(records):
+        return chosen, f"evaluating on all {len(records)} held-out examples of {name}"
+    return chosen, (f"evaluating on a fixed sample of {len(chosen)} of the {len(records)} held-out examples of "
+                    f"{name} (--eval-size N for another size, 0 for all)")
+
+
 def load_data(config: DataOptions, split: str = "eval", eval_data: Optional[str] = None) -> JobData:
     """The task's training records and its `split`, or the JSONL file (and eval_data, a held-out file)."""
     if bool(config.task) == bool(config.data):
@@ -80,6 +94,23 @@ def encode(kind: str, records: Sequence[dict], tok, config: DataOptions, labels:
         return D.encode_classification(records, tok, labels, config.max_length), D.Collator(tok.pad_token_id, "right")
     return (D.encode_causal(records, tok, config.max_length, bool(config.chat_template)),
             D.Collator(tok.pad_token_id, "left"))
+
+
+def adapter_directory(path: Optional[str]) -> Optional[str]:
+    """--adapter: an adapter directory, or a train run's --output, whose adapter/ holds the adapter."""
+    from ...core.config import CONFIG_NAME
+    if not path:
+        return None
+    p = Path(path)
+    if (p / CONFIG_NAME).is_file():
+        return str(p)
+    if (p / "adapter" / CONFIG_NAME).is_file():
+        return str(p / "adapter")
+    if (p / "model" / "config.json").is_file():
+        raise JobError(f"{path} is a run whose method saves the whole model ({p / 'model'}): give that directory as "
+                       f"--model, without --adapter")
+    raise JobError(f"--adapter {path}: no {CONFIG_NAME} there, nor in {p / 'adapter'}; give an adapter directory or "
+                   f"the --output directory of a `peftlab train` run")
 
 
 def output_dir(output: Optional[str], method: str, data_name: str) -> Path:

@@ -1,11 +1,12 @@
 """run_merge: an adapter merged into its base model and saved as a plain Transformers model (`peftlab merge`)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from .config import JobError, MergeConfig
 from .evaluate import Say, adapter_kind, quiet
-from .inputs import load_base
+from .inputs import adapter_directory, load_base
 
 
 def run_merge(config: MergeConfig, say: Say = quiet) -> dict:
@@ -14,6 +15,7 @@ def run_merge(config: MergeConfig, say: Say = quiet) -> dict:
             raise JobError(f"merge needs --{flag}")
     from ...core.model import PeftModel
     from ..data import save_labels
+    config = dataclasses.replace(config, adapter=adapter_directory(config.adapter))
     task_type, labels = adapter_kind(config.adapter)
     kind = "classification" if task_type == "SEQ_CLS" else "generation"
     if kind == "classification" and not labels:

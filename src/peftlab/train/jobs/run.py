@@ -23,7 +23,7 @@ from .. import loop as L
 from ..metrics import forgetting_change
 from .config import JobConfig, JobError
 from .evaluate import Evaluator, Say, fmt_metrics, forgetting_probe, quiet
-from .inputs import JobData, device, encode, load_base, load_data, output_dir, sample
+from .inputs import JobData, device, encode, load_base, load_data, output_dir, pick_eval_records
 from .methods import calibrate, method_config
 
 BEFORE_FILE = "before.json"   # the untrained model's scores, kept so a resumed run reports the same "before"
@@ -77,7 +77,8 @@ def train_config(config: JobConfig, output: Path) -> L.TrainConfig:
                          weight_decay=config.weight_decay, schedule=config.schedule, warmup_steps=config.warmup,
                          max_grad_norm=config.max_grad_norm or None, precision=config.precision,
                          gradient_checkpointing=bool(config.gradient_checkpointing), eval_every=config.eval_every,
-                         save_every=config.save_every, log_every=config.log_every, seed=config.seed,
+                         save_every=config.save_every, keep_checkpoints=config.keep_checkpoints,
+                         log_every=config.log_every, seed=config.seed,
                          resume=bool(config.resume), progress=bool(config.progress))
 
 
@@ -113,7 +114,10 @@ def prepare_job(config: JobConfig, say: Say = quiet) -> PreparedJob:
                        f"choose another --output")
     base, tok = load_base(config.model, config.device, data.kind, data.labels)
     train_ex, collate = encode(data.kind, data.train, tok, config, data.labels)
-    eval_records = sample(data.eval, config.eval_size, config.seed)
+    eval_records, which = pick_eval_records(data.eval, config, config.eval_data or data.name,
+                                             data.task is not None)
+    if data.eval:
+        say(which)
     tc = train_config(config, output)
     total = tc.total_steps(len(train_ex))
     info, cfg = method_config(config, "SEQ_CLS" if data.kind == "classification" else "CAUSAL_LM", total)
@@ -161,6 +165,7 @@ def _summary(job: PreparedJob, result: dict, before: dict, after: dict) -> dict:
 def save_result(job: PreparedJob) -> Path:
     """The adapter directory, or (a method that changes the whole model: MethodInfo.saves == "model") a plain
     Transformers model with its tokenizer; label names beside either."""
+    from ..checkpoint import write_failure
     from ..data import save_labels
     if job.info.saves == "model":
         target = job.output / "model"
@@ -168,7 +173,10 @@ def save_result(job: PreparedJob) -> Path:
         job.tok.save_pretrained(str(target))
     else:
         target = job.output / "adapter"
-        job.model.save_pretrained(str(target))
+        try:
+            job.model.save_pretrained(str(target))
+        except OSError as e:  # a full disk: name the file and the checkpoint to resume from
+            raise write_failure(Path(e.filename or target), e, job.output) from e
     if job.data.labels:
         save_labels(target, job.data.labels)
     return target
