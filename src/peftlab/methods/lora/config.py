@@ -1,4 +1,5 @@
-"""LoraConfig: HF PEFT's LoRA configuration, field for field (rsLoRA, DoRA, PiSSA and CorDA are options of it)."""
+"""LoraConfig: HF PEFT's LoRA configuration, field for field (rsLoRA, DoRA, PiSSA, OLoRA, CorDA, lora_bias, trainable
+tokens, target_parameters and layer replication are options of it; what is not implemented is refused)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -52,8 +53,8 @@ class LoraConfig(PeftConfig):
     # The features beyond plain LoRA that this config class's tuner implements (fields set to a non-default value,
     # and init_lora_weights values). A subclass (AdaLoRA, LoRA-FA, LoRA-dropout) implements none of them unless it
     # declares them itself, so a field its tuner would ignore is refused rather than accepted and dropped.
-    implemented_features: ClassVar[frozenset] = frozenset({"lora_bias", "olora", "trainable_token_indices", "target_parameters",
-                                                                   "layer_replication"})
+    implemented_features: ClassVar[frozenset] = frozenset(
+        {"lora_bias", "olora", "trainable_token_indices", "target_parameters", "layer_replication"})
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
