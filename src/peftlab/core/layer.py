@@ -7,7 +7,8 @@ per-row adapter groups for mixed batches, and saving/loading keys.
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -26,6 +27,13 @@ def unwrapped(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, AdaptedLayer) else module
 
 
+def unwrapped_fully(module: nn.Module) -> nn.Module:
+    """The model's own module under any number of nested AdaptedLayers (one per adapted parameter of it)."""
+    while isinstance(module, AdaptedLayer):
+        module = module.base_layer
+    return module
+
+
 class Adapter(nn.Module):
     """One method's adapter on one layer.
 
@@ -35,6 +43,11 @@ class Adapter(nn.Module):
     """
     mergeable: bool = False
     fuses_base: bool = False
+    # patches_base: the adapter changes a parameter of the base module while it runs (`patch`), instead of
+    # computing from the base's output; the base is then called with its own arguments, whatever they are
+    patches_base: bool = False
+    # why this adapter instance may not be merged although its class can (e.g. its base weights are shared)
+    merge_refused: Optional[str] = None
     # state_dict key -> key suffix in the saved file (HF PEFT's names), e.g. {"lora_A": "lora_A.weight"}
     saved_names: dict[str, str] = {}
     # buffers that are derived at init and must not be saved (e.g. cached norms)
@@ -49,6 +62,10 @@ class Adapter(nn.Module):
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no delta weight")
+
+    def patch(self, base_layer: nn.Module) -> contextlib.AbstractContextManager:
+        """With patches_base: a context inside which the base module computes with this adapter applied."""
+        raise NotImplementedError(f"{type(self).__name__} does not patch its base module (patches_base is False)")
 
     def merge_into(self, base_layer: nn.Module) -> None:
         """Fold this adapter into the base weight; the default adds delta_weight() in the base's layout."""
@@ -127,6 +144,8 @@ class AdaptedLayer(PeftlabModule, nn.Module):
     def merge(self, names: Optional[list[str]] = None) -> None:
         for name in names if names is not None else self.active:
             if name in self.adapters and name not in self.merged:
+                if self.adapters[name].merge_refused:
+                    raise TypeError(f"adapter {name!r} cannot be merged: {self.adapters[name].merge_refused}")
                 self.adapters[name].merge_into(self.base_layer)
                 self.merged.append(name)
                 self._base_changed()
@@ -165,6 +184,10 @@ class AdaptedLayer(PeftlabModule, nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if self.batch_groups is not None:
             return self._forward_groups(x, args, kwargs)
+        patching = [self.adapters[n] for n in self.active if n not in self.merged and self.adapters[n].patches_base]
+        if patching:
+            with self._patched(patching):
+                return self.base_layer(x, *args, **kwargs)
         if self.siblings is not None and not args and not kwargs:
             out = self.siblings.forward(self, x)
             if out is not None:
@@ -175,6 +198,13 @@ class AdaptedLayer(PeftlabModule, nn.Module):
                 result = self._apply_adapter(name, x, result, args, kwargs)
         return self.base_layer(x, *args, **kwargs) if result is None else result
 
+    @contextlib.contextmanager
+    def _patched(self, adapters: list[Adapter]) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for adapter in adapters:
+                stack.enter_context(adapter.patch(self.base_layer))
+            yield
+
     def _forward_groups(self, x: torch.Tensor, args, kwargs) -> torch.Tensor:
         """Mixed batch (batch_groups: core.mixed.RowGroups): the base runs once on all rows, then every adapter
         on its own rows — all at once by batched matmuls for low-rank adapters, else once per adapter."""
@@ -182,6 +212,9 @@ class AdaptedLayer(PeftlabModule, nn.Module):
         groups = self.batch_groups
         if self.merged:
             raise RuntimeError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
+        if any(self.adapters[n].patches_base for n, _ in groups if n in self.adapters):
+            raise ValueError("mixed-adapter batches are not supported for adapters that change a parameter of the "
+                             "module (LoRA's target_parameters; nor in HF PEFT); run one adapter per batch")
         if x.shape[0] != groups.n_rows:
             raise ValueError(f"adapter_names has {groups.n_rows} entries but this layer sees a batch of {x.shape[0]} "
                              f"rows; give one adapter name per row of the batch")

@@ -22,7 +22,7 @@ from .registry import get_tuner
 from .siblings import SiblingFusion
 from .signature import with_base_signature
 from .tuner import adapted_layers, set_submodule
-from ..hf.defaults import SEQ_CLS_HEAD_NAMES
+from ..hf.defaults import TASK_HEAD_NAMES
 
 
 class AdaptedModel(nn.Module):
@@ -109,9 +109,10 @@ class PeftModel(nn.Module):
         cfg = peft_config.replace()  # our own copy: injection may resolve defaults into it
         if cfg.base_model_name_or_path is None:
             cfg.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-        if cfg.task_type == "SEQ_CLS" and hasattr(cfg, "modules_to_save"):
-            # Both common head names, present or not, exactly as HF PEFT records them.
-            cfg.modules_to_save = list(dict.fromkeys(list(cfg.modules_to_save or []) + SEQ_CLS_HEAD_NAMES))
+        heads = TASK_HEAD_NAMES.get(cfg.task_type, [])
+        if heads and hasattr(cfg, "modules_to_save"):
+            # The task's head names, present or not, exactly as HF PEFT records them (both "classifier" and "score").
+            cfg.modules_to_save = list(dict.fromkeys(list(cfg.modules_to_save or []) + heads))
         if cfg.task_type is None and cfg.auto_mapping is None:
             # HF PEFT records the model class when there is no task type, to rebuild it from the adapter alone.
             cfg.auto_mapping = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}

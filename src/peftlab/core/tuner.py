@@ -167,7 +167,8 @@ class LayerTuner(Tuner):
                 raise KeyError(f"adapter file has {key!r}, but no adapted module of this model owns it "
                                f"(was the adapter saved for another base model or other target_modules?)")
             per_layer.setdefault(owner, {})[key[len(owner) + 1:]] = t
-        missing = sorted(set(layers) - set(per_layer))
+        # a layer whose adapter saves nothing (a view of another layer's tensors, e.g. tied token rows) is not missing
+        missing = sorted(n for n in set(layers) - set(per_layer) if layers[n].adapters[adapter_name].export_state())
         if missing:
             raise KeyError(f"adapter file has no tensors for {len(missing)} adapted module(s), e.g. {missing[0]!r}; "
                            f"the file does not match this config's target_modules")
@@ -192,11 +193,12 @@ class LayerTuner(Tuner):
             layer.disabled = disabled
 
     def remove(self, model, adapter_name):
-        for name, layer in list(self._layers_with(model, adapter_name)):
+        # innermost first: a module with several adapted parameters holds nested AdaptedLayers
+        for name, layer in reversed(list(self._layers_with(model, adapter_name))):
             layer.remove(adapter_name)
             if not len(layer.adapters):
                 set_submodule(model, name, layer.base_layer)
 
     def unload(self, model):
-        for name, layer in list(adapted_layers(model)):
+        for name, layer in reversed(list(adapted_layers(model))):  # innermost first, as in remove()
             set_submodule(model, name, layer.base_layer)

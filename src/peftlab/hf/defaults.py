@@ -18,6 +18,12 @@ LORA_TARGETS: dict[str, list[str]] = {
 # Classification heads HF PEFT trains and saves automatically with task_type="SEQ_CLS".
 SEQ_CLS_HEAD_NAMES = ["classifier", "score"]
 
+# The heads HF PEFT adds to modules_to_save for each task type (its PeftModelForSequenceClassification,
+# ...ForTokenClassification and ...ForQuestionAnswering do; CAUSAL_LM, SEQ_2_SEQ_LM and FEATURE_EXTRACTION add
+# none): a randomly initialised head must train and be saved with the adapter, or it is random again after loading.
+TASK_HEAD_NAMES: dict[str, list[str]] = {"SEQ_CLS": SEQ_CLS_HEAD_NAMES, "TOKEN_CLS": SEQ_CLS_HEAD_NAMES,
+                                         "QUESTION_ANS": ["qa_outputs"]}
+
 
 def default_targets(model_type: str | None, table: dict[str, list[str]] = LORA_TARGETS) -> list[str]:
     if model_type in table:

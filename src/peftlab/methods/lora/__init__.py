@@ -3,7 +3,11 @@
 config.py   LoraConfig (HF PEFT's fields; rsLoRA, DoRA, PiSSA and CorDA are options of it)
 layers.py   LoraLinear / LoraEmbedding: y = W x + s·B A x, the low-rank operand protocol (core/lowrank.py)
 dora.py     DoraLinear: a learned row magnitude over the LoRA-updated direction
-pissa.py    PiSSA's SVD initialisation; corda.py CorDA's context-oriented one (needs calibration data)
+pissa.py    PiSSA's SVD initialisation; olora.py OLoRA's QR one; corda.py CorDA's context-oriented one (needs
+            calibration data)
+trainable_tokens.py  trainable_token_indices: only some embedding rows train (PEFT's TrainableTokens)
+params.py   target_parameters: LoRA on nn.Parameters such as MoE expert tensors (PEFT's ParamWrapper)
+replication.py  layer_replication: repeated decoder layers sharing base weights
 combine.py  add_weighted_adapter's combinations
 tuner.py    LoraTuner (peft_type "LORA") and the registry names lora / rslora / pissa / dora
 fa.py       LoRA-FA (A frozen), dropout.py LoRA-dropout: own peft_types, LoRA's file layout

@@ -16,6 +16,9 @@ def add_weighted_lora(tuner, peft_model, adapters: list[str], weights: list[floa
     configs = [peft_model.peft_config[a] for a in adapters]
     if any(c.use_dora for c in configs):
         raise ValueError("add_weighted_adapter cannot combine DoRA adapters (their update is not additive)")
+    if any(c.trainable_token_indices or c.target_parameters for c in configs):
+        raise ValueError("add_weighted_adapter combines low-rank factors only; it cannot combine adapters with "
+                         "trainable_token_indices or target_parameters")
     if len(adapters) == 1:
         combination_type = "linear"
     ranks = [c.r for c in configs]

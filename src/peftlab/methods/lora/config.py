@@ -1,8 +1,9 @@
-"""LoraConfig: HF PEFT's LoRA configuration, field for field (rsLoRA, DoRA, PiSSA and CorDA are options of it)."""
+"""LoraConfig: HF PEFT's LoRA configuration, field for field (rsLoRA, DoRA, PiSSA, OLoRA, CorDA, lora_bias, trainable
+tokens, target_parameters and layer replication are options of it; what is not implemented is refused)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 from ...core.config import PeftConfig
 
@@ -29,7 +30,7 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict = field(default_factory=dict)
     use_dora: bool = False
     lora_bias: bool = False
-    # Fields HF PEFT writes that peftlab keeps for file compatibility; non-default values are refused below.
+    # Further HF PEFT fields; those of features peftlab lacks (PEFT_ONLY_FIELDS) are refused when set.
     megatron_config: Optional[dict] = None
     megatron_core: Optional[str] = "megatron.core"
     trainable_token_indices: Optional[Union[list[int], dict]] = None
@@ -49,26 +50,64 @@ class LoraConfig(PeftConfig):
     kasa_config: Optional[dict] = None
     ensure_weight_tying: bool = False
 
+    # The features beyond plain LoRA that this config class's tuner implements (fields set to a non-default value,
+    # and init_lora_weights values). A subclass (AdaLoRA, LoRA-FA, LoRA-dropout) implements none of them unless it
+    # declares them itself, so a field its tuner would ignore is refused rather than accepted and dropped.
+    implemented_features: ClassVar[frozenset] = frozenset(
+        {"lora_bias", "olora", "trainable_token_indices", "target_parameters", "layer_replication"})
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "implemented_features" not in cls.__dict__:
+            cls.implemented_features = frozenset()
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        self._check_init()
+        self._check_features()
+
+    def _check_init(self) -> None:
         init = self.init_lora_weights
-        if not (isinstance(init, bool) or init in ("gaussian", "pissa", "corda")
+        inits = ["gaussian", "pissa", "corda"] + [i for i in EXTRA_INITS if i in self.implemented_features]
+        if not (isinstance(init, bool) or init in inits
                 or (isinstance(init, str) and init.startswith("pissa_niter_") and init[12:].isdigit())):
-            raise ValueError(f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
-                             f"'pissa_niter_N' or 'corda'")
-        unsupported = {"lora_bias": self.lora_bias, "use_qalora": self.use_qalora,
-                       "layer_replication": self.layer_replication, "target_parameters": self.target_parameters,
-                       "megatron_config": self.megatron_config, "loftq_config": self.loftq_config,
-                       "eva_config": self.eva_config, "trainable_token_indices": self.trainable_token_indices,
-                       "alora_invocation_tokens": self.alora_invocation_tokens, "use_bdlora": self.use_bdlora,
-                       "arrow_config": self.arrow_config, "kasa_config": self.kasa_config,
-                       "monteclora_config": self.monteclora_config, "velora_config": self.velora_config,
-                       "lora_ga_config": self.lora_ga_config}
-        bad = [k for k, v in unsupported.items() if v]
+            raise ValueError(f"{type(self).__name__}: init_lora_weights={init!r} is not supported; use True, False, "
+                             f"{', '.join(repr(i) for i in inits)} or 'pissa_niter_N'")
+
+    def _check_features(self) -> None:
+        features = {**FEATURE_FIELDS, **{name: None for name in PEFT_ONLY_FIELDS}}
+        bad = [k for k, feature in features.items() if getattr(self, k) and feature not in self.implemented_features]
         if bad:
-            raise ValueError(f"LoraConfig: peftlab does not implement {', '.join(bad)}; leave them at their "
-                             f"defaults (HF PEFT-only features)")
+            where = "peftlab does not implement" if type(self) is LoraConfig else \
+                f"{type(self).__name__} ({self.peft_type}) does not implement"
+            raise ValueError(f"LoraConfig: {where} {', '.join(bad)}; leave them at their defaults")
+        if self.target_parameters is not None and not isinstance(self.target_parameters, (list, tuple)):
+            raise TypeError(f"target_parameters must be a list of '<module>.<parameter>' names, got "
+                            f"{self.target_parameters!r}")
+        if self.target_parameters and (self.lora_dropout or self.use_dora or self.lora_bias or self.fan_in_fan_out):
+            raise ValueError("target_parameters does not combine with lora_dropout, use_dora, lora_bias or "
+                             "fan_in_fan_out (HF PEFT refuses them too: the update applies to the weight, not x)")
+        if self.target_parameters and self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"target_parameters works with init_lora_weights True, False or 'gaussian' in peftlab, "
+                             f"got {self.init_lora_weights!r}")
+        if self.lora_bias:
+            if self.init_lora_weights not in (True, False):  # HF PEFT's rule
+                raise ValueError(f"lora_bias=True works with init_lora_weights=True or False only, got "
+                                 f"{self.init_lora_weights!r}")
+            if self.use_dora:
+                raise ValueError("lora_bias=True does not combine with DoRA; pass use_dora=False")
+
+
+# init_lora_weights values beyond LoRA's, PiSSA's and CorDA's; each is allowed where implemented_features has it.
+EXTRA_INITS = ("olora", "eva", "loftq")
+# Fields of features the LoRA tuner implements -> the feature's name in implemented_features.
+FEATURE_FIELDS = {"lora_bias": "lora_bias", "trainable_token_indices": "trainable_token_indices",
+                  "layer_replication": "layer_replication", "target_parameters": "target_parameters",
+                  "loftq_config": "loftq", "eva_config": "eva"}
+# Fields HF PEFT writes for features peftlab does not implement; kept for file compatibility, refused when set.
+PEFT_ONLY_FIELDS = ("use_qalora", "megatron_config", "alora_invocation_tokens", "use_bdlora", "arrow_config",
+                    "kasa_config", "monteclora_config", "velora_config", "lora_ga_config")

@@ -64,6 +64,7 @@ def corda_options(config: LoraConfig) -> CordaConfig:
 @dataclass
 class CordaLoraConfig(LoraConfig):
     """LoraConfig with init_lora_weights="corda" (the registry's `corda`); saved as a plain LoraConfig."""
+    implemented_features = LoraConfig.implemented_features  # it is LoRA, initialised by CorDA
     init_lora_weights: Any = "corda"
     corda_config: Optional[dict] = field(default_factory=CordaConfig)
 

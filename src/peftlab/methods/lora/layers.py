@@ -34,7 +34,8 @@ class LoraLinear(Adapter):
     """LoRA on a Linear (or GPT-2 Conv1D, whose weight is stored d_in×d_out: `fan_in_fan_out`)."""
     mergeable = True
     fuses_base = True
-    saved_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    # lora_B_bias: HF PEFT's `lora_bias=True`, a bias on B (its nn.Linear's bias), scaled with it: + s·b_B
+    saved_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_B_bias": "lora_B.bias"}
 
     def __init_subclass__(cls, **kwargs) -> None:
         # The shared kernels compute what lowrank_operands() describes, not what forward() does: a subclass that
@@ -46,15 +47,18 @@ class LoraLinear(Adapter):
                             f"and joins_sibling_group (core/lowrank.py)")
 
     def __init__(self, d_in: int, d_out: int, r: int, scale: float, dropout: float = 0.0,
-                 fan_in_fan_out: bool = False, init: Union[bool, str] = True):
+                 fan_in_fan_out: bool = False, init: Union[bool, str] = True, lora_bias: bool = False):
         super().__init__()
         self.r, self.scale, self.fan_in_fan_out = r, scale, fan_in_fan_out
         self.lora_A = nn.Parameter(torch.empty(r, d_in))
         self.lora_B = nn.Parameter(torch.empty(d_out, r))
+        self.register_parameter("lora_B_bias", nn.Parameter(torch.zeros(d_out)) if lora_bias else None)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         with torch.no_grad():
             if init is False:
                 _kaiming(self.lora_A), _kaiming(self.lora_B)  # both random: a non-zero delta from the start
+                if lora_bias:  # nn.Linear(r, d_out)'s default bias, as HF PEFT's lora_B keeps it
+                    nn.init.uniform_(self.lora_B_bias, -1 / math.sqrt(r), 1 / math.sqrt(r))
             else:
                 if init == "gaussian":
                     nn.init.normal_(self.lora_A, std=1 / r)
@@ -71,6 +75,30 @@ class LoraLinear(Adapter):
         delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale  # (d_out, r) @ (r, d_in)
         return delta.t() if self.fan_in_fan_out else delta
 
+    def merge_into(self, base_layer: nn.Module) -> None:
+        if self.lora_B_bias is not None and base_layer.bias is None:  # checked first: never half-merged
+            raise RuntimeError("cannot merge a LoRA with lora_bias=True into a layer without a bias (HF PEFT refuses "
+                               "it too); keep the adapter unmerged")
+        super().merge_into(base_layer)
+        self._merge_bias(base_layer, 1)
+
+    def unmerge_from(self, base_layer: nn.Module) -> None:
+        super().unmerge_from(base_layer)
+        self._merge_bias(base_layer, -1)
+
+    def _merge_bias(self, base_layer: nn.Module, sign: int) -> None:
+        if self.lora_B_bias is None:
+            return
+        with torch.no_grad():
+            base_layer.bias.data += sign * self.scale * self.lora_B_bias.to(base_layer.bias.dtype)
+
+    def _output_bias(self, base_layer: nn.Module) -> Optional[torch.Tensor]:
+        """The bias of the layer's whole output: the base's, plus s·b_B with lora_bias."""
+        if self.lora_B_bias is None:
+            return base_layer.bias
+        extra = self.lora_B_bias * self.scale
+        return extra if base_layer.bias is None else base_layer.bias + extra
+
     def _dropout_active(self) -> bool:
         return self.training and isinstance(self.dropout, nn.Dropout)
 
@@ -80,13 +108,14 @@ class LoraLinear(Adapter):
 
     # -- the low-rank operand protocol (core/lowrank.py) ---------------------------------------------------------
     def lowrank_operands(self, base_layer: nn.Module) -> Optional[LowRankOperands]:
-        if self._dropout_active():
+        # With lora_bias the output bias is b + s·b_B, not the base's b that mixed batches add once for every row.
+        if self._dropout_active() or self.lora_B_bias is not None:
             return None
         return LowRankOperands(self.base_weight(base_layer), base_layer.bias, self.lora_A, self.lora_B, self.scale)
 
     def joins_sibling_group(self, x: torch.Tensor, base_layer: nn.Module) -> bool:
         w = self.base_weight(base_layer)
-        if w.requires_grad or not self._takes_fused_kernel(x, w):
+        if w.requires_grad or self.lora_B_bias is not None or not self._takes_fused_kernel(x, w):
             return False
         # with nothing to differentiate the inference kernel is faster than the group's autograd node
         return x.requires_grad or any(p.requires_grad for p in self.parameters()) or \
@@ -98,11 +127,12 @@ class LoraLinear(Adapter):
             # The fused kernels by default (training and inference); `peftlab.hf_peft_numerics()` outside
             # training sums in HF PEFT's order instead, for outputs bit-identical to a PEFT-loaded adapter.
             if self._takes_fused_kernel(x, w):
-                return lora_linear(x, w, base_layer.bias, self.lora_A, self.lora_B, self.scale)
+                return lora_linear(x, w, self._output_bias(base_layer), self.lora_A, self.lora_B, self.scale)
             result = base_layer(x)
         # The unfused path, with HF PEFT's numerics: x cast to the adapter dtype, the sum back to the output's.
         h = self.dropout(x.to(self.lora_A.dtype))
-        return result + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scale).to(result.dtype)
+        delta = F.linear(F.linear(h, self.lora_A), self.lora_B, self.lora_B_bias)
+        return result + (delta * self.scale).to(result.dtype)
 
 
 class LoraEmbedding(Adapter):

@@ -16,13 +16,32 @@ from .config import LORA_FLAG_FIELDS, LoraConfig
 from .corda import corda_init
 from .dora import DoraLinear
 from .layers import LoraEmbedding, LoraLinear, rank_and_scale
+from .olora import init_olora
+from .params import add_parameter_adapters, targets_modules
 from .pissa import init_pissa
+from .replication import replicate_layers
+from .trainable_tokens import add_trainable_tokens
 
 
 @register_tuner("LORA", LoraConfig)
 class LoraTuner(LayerTuner):
     supports_weighted_combination = True
     converts_to_plain = True
+
+    def inject(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+        if config.layer_replication:
+            replicate_layers(model, config.layer_replication)
+        if targets_modules(model, config):
+            super().inject(model, config, adapter_name)
+        if config.target_parameters:
+            add_parameter_adapters(model, config, adapter_name, rank_and_scale)
+        if config.trainable_token_indices:
+            add_trainable_tokens(model, config, adapter_name)
+        if config.layer_replication:
+            for _, layer in self._layers_with(model, adapter_name):  # HF PEFT refuses the merge as well
+                layer.adapters[adapter_name].merge_refused = (
+                    "its model's layers are replicated (layer_replication), so its base weights are shared with "
+                    "other layers; merging would change them too. Keep it unmerged")
 
     def create_adapter(self, base_layer, config: LoraConfig, module_name: str, adapter_name: str) -> Adapter:
         r, scale = rank_and_scale(config, module_name)
@@ -31,6 +50,9 @@ class LoraTuner(LayerTuner):
             if config.use_dora:
                 raise ValueError(f"{module_name}: DoRA on embeddings is not supported by peftlab; exclude it "
                                  f"(exclude_modules) or use plain LoRA there")
+            if config.lora_bias:
+                raise ValueError(f"{module_name}: lora_bias=True is not supported on embeddings (nor in HF PEFT); "
+                                 f"exclude it (exclude_modules) or pass lora_bias=False")
             return LoraEmbedding(base_layer.num_embeddings, base_layer.embedding_dim, r, scale, init)
         weight = getattr(base_layer, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -40,10 +62,13 @@ class LoraTuner(LayerTuner):
             config.fan_in_fan_out = True  # Conv1D stores W as (d_in, d_out); HF PEFT records the same fix-up
         d_out, d_in = weight.shape[::-1] if config.fan_in_fan_out else weight.shape
         layer_cls = DoraLinear if config.use_dora else LoraLinear
+        extra = dict(lora_bias=True) if config.lora_bias else {}
         adapter = layer_cls(d_in=d_in, d_out=d_out, r=r, scale=scale, dropout=config.lora_dropout,
-                            fan_in_fan_out=config.fan_in_fan_out, init=init).to(weight.device)
+                            fan_in_fan_out=config.fan_in_fan_out, init=init, **extra).to(weight.device)
         if isinstance(init, str) and init.startswith("pissa"):
             init_pissa(adapter, base_layer, init)
+        elif init == "olora":
+            init_olora(adapter, base_layer, module_name)
         elif init == "corda":
             corda_init(adapter, base_layer, config, module_name)  # needs preprocess_corda's decomposition first
         if config.use_dora:
