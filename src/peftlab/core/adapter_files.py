@@ -23,7 +23,7 @@ from .io import load_tensors, save_tensors
 from .layer import AdaptedLayer
 from .loading import check_keys, check_shape, copy_checked
 from .registry import get_tuner, registered_peft_types
-from .tuner import ABSOLUTE_KEY, adapted_layers
+from .tuner import ABSOLUTE_KEY
 from ..hf import embeddings
 
 if TYPE_CHECKING:
@@ -80,8 +80,7 @@ def _base_of_adapted(layer: nn.Module) -> Optional[nn.Module]:
 def embedding_state_dict(pm: "PeftModel", adapter_name: str, save: Union[bool, str]) -> dict[str, torch.Tensor]:
     """The input/output embedding tensors HF PEFT stores beside the adapter (hf/embeddings.py), saved keys."""
     cfg, model = pm.peft_config[adapter_name], pm.model
-    adapted = [n for n, layer in adapted_layers(model) if adapter_name in layer.adapters]
-    targeted = embeddings.embedding_targeted(adapted)
+    targeted = embeddings.embedding_targeted(cfg, model)
     if not embeddings.decide(save, targeted, model, cfg.base_model_name_or_path):
         return {}
     if not embeddings.is_transformers_model(model):

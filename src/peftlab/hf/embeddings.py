@@ -2,7 +2,7 @@
 
 PEFT's rule, kept exactly: `True` stores the input and output embeddings (the base matrix of an adapted embedding
 layer, or the whole module when it is not adapted: a vocabulary resized for new tokens); `"auto"` means True when
-an adapted layer is an `embed_tokens` / `lm_head`, or when the model's vocab_size differs from the one in the
+target_modules names an `embed_tokens` / `lm_head` layer (not with trainable_token_indices), or when the model's vocab_size differs from the one in the
 base model's config.json (a resized vocabulary), else False.
 """
 from __future__ import annotations
@@ -47,9 +47,17 @@ def vocab_resized(model: nn.Module, base_name_or_path: Optional[str]) -> bool:
     return json.loads(path.read_text()).get("vocab_size", vocab) != vocab
 
 
-def embedding_targeted(adapted_names: list[str]) -> bool:
-    """PEFT's test: does the adapter adapt a layer named embed_tokens or lm_head?"""
-    return any(_EMBEDDING_NAME.fullmatch(n) for n in adapted_names)
+def embedding_targeted(config, model: nn.Module) -> bool:
+    """PEFT's test, on the config as PEFT makes it: does target_modules name an embed_tokens / lm_head layer (a regex
+    other than "all-linear" matched against the model's embedding-named modules, or a list holding one of the
+    names)? Never with trainable_token_indices, whose point is to store the trained rows only."""
+    if getattr(config, "trainable_token_indices", None) is not None:
+        return False
+    spec = getattr(config, "target_modules", None)
+    if isinstance(spec, str):
+        return spec != "all-linear" and any(re.fullmatch(spec, n) for n, _ in model.named_modules()
+                                            if _EMBEDDING_NAME.fullmatch(n))
+    return bool(spec) and any(name in spec for name in EMBEDDING_LAYER_NAMES)
 
 
 def decide(save: Union[bool, str], targeted: bool, model: nn.Module, base_name_or_path: Optional[str]) -> bool:
