@@ -54,11 +54,7 @@ def fill_model_dims(cfg, model: nn.Module, kv_prefix: bool) -> None:
     """HF PEFT's fix-ups: layers, width and heads from the model config; for key/value prefixes on
     grouped-query attention, token_dim = head_dim · num_key_value_heads and heads = num_key_value_heads."""
     mc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if getattr(mc, "is_encoder_decoder", False) or cfg.task_type == "SEQ_2_SEQ_LM" or \
-            (cfg.num_transformer_submodules or 1) != 1:
-        raise ValueError("peftlab's prompt methods support decoder-only and encoder-only models "
-                         "(num_transformer_submodules=1); encoder-decoder models are not supported")
-    cfg.num_transformer_submodules = 1
+    cfg.num_transformer_submodules = _submodules(cfg, mc, kv_prefix)
 
     def first(*names):
         for n in names:
@@ -77,6 +73,36 @@ def fill_model_dims(cfg, model: nn.Module, kv_prefix: bool) -> None:
         cfg.num_attention_heads = mc.num_key_value_heads
     if hasattr(cfg, "encoder_hidden_size") and cfg.encoder_hidden_size is None:
         cfg.encoder_hidden_size = cfg.token_dim
+
+
+def _submodules(cfg, mc, kv_prefix: bool) -> int:
+    """HF PEFT's num_transformer_submodules: 2 (encoder and decoder) for SEQ_2_SEQ_LM, else 1."""
+    seq2seq = bool(getattr(mc, "is_encoder_decoder", False))
+    if seq2seq and cfg.task_type != "SEQ_2_SEQ_LM":
+        raise ValueError(f"prompt methods on an encoder-decoder model ({type(mc).__name__}) need "
+                         f"task_type='SEQ_2_SEQ_LM', got {cfg.task_type!r}")
+    if not seq2seq and cfg.task_type == "SEQ_2_SEQ_LM":
+        raise ValueError(f"task_type='SEQ_2_SEQ_LM' needs an encoder-decoder model; {type(mc).__name__} is not one")
+    n = cfg.num_transformer_submodules or (2 if seq2seq else 1)
+    if seq2seq and kv_prefix:
+        raise ValueError("key/value prefixes on encoder-decoder models are not supported yet")
+    # an encoder-decoder prefix with one submodule is a self-attention-only cache, which the decoder's
+    # cross-attention would append to; HF PEFT builds it but the model then computes something else
+    allowed = ((2,) if kv_prefix else (1, 2)) if seq2seq else (1,)
+    if n not in allowed:
+        raise ValueError(f"num_transformer_submodules={n} is not supported here ({type(mc).__name__}, "
+                         f"{'key/value prefix' if kv_prefix else 'virtual tokens'}); use {' or '.join(map(str, allowed))}")
+    return n
+
+
+def virtual_rows(cfg) -> int:
+    """Rows of a virtual-token table: HF PEFT keeps num_virtual_tokens per transformer submodule (its
+    encoder-decoder forward reads only the first num_virtual_tokens, the encoder's)."""
+    return cfg.num_virtual_tokens * cfg.num_transformer_submodules
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
 class PromptEncoders(PeftlabModule, nn.ModuleDict):
@@ -197,15 +223,15 @@ def _grow_mask(kwargs: dict, b: int, n: int, length: int, device) -> None:
     kwargs["attention_mask"] = torch.cat([mask.new_ones(b, n), mask], dim=1)
 
 
-def _continuing(kwargs: dict, n: int, length: int) -> bool:
+def _continuing(kwargs: dict, n: int, length: int, mask_key: str) -> bool:
     """A non-empty cache was passed in: the virtual tokens are already in it (an earlier step put them there).
-    Only the attention mask may still lack their n columns."""
+    Only the mask over the cached positions (`mask_key`, `length` new positions) may still lack their n columns."""
     past = _cache_len(kwargs.get("past_key_values"))
     if past == 0:
         return False
-    mask = kwargs.get("attention_mask")
+    mask = kwargs.get(mask_key)
     if mask is not None and mask.shape[1] == past + length - n:
-        kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+        kwargs[mask_key] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
     return True
 
 
@@ -214,17 +240,20 @@ def prepend_embeddings(model: nn.Module, prompts: torch.Tensor, kwargs: dict, ge
     kwargs = dict(kwargs)
     n = prompts.shape[0]
     ids, embeds, b, length = _inputs(kwargs, "prompt tuning")
-    if _continuing(kwargs, n, length):
+    seq2seq = is_encoder_decoder(model)  # the encoder input is whole on every call; only it gets the tokens
+    if not seq2seq and _continuing(kwargs, n, length, "attention_mask"):
         return kwargs
     if embeds is None:
         embeds = model.get_input_embeddings()(ids)                       # (b, L, d)
     virtual = prompts.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1)   # (b, n, d)
     kwargs["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)      # (b, n+L, d)
     kwargs.pop("input_ids", None)
-    if generate and ids is not None:
+    if generate and ids is not None and not seq2seq:
         kwargs["input_ids"] = ids  # generate() prefills from inputs_embeds and returns input_ids + new tokens
     if generate or kwargs.get("attention_mask") is not None:
         _grow_mask(kwargs, b, n, length, embeds.device)
+    if seq2seq:
+        return kwargs  # labels and decoder inputs are the decoder's, which sees no virtual tokens
     labels = kwargs.get("labels")
     if labels is not None and labels.dim() == 2 and labels.shape[1] == length:  # token labels (causal LM)
         kwargs["labels"] = torch.cat([labels.new_full((b, n), -100), labels], dim=1)
@@ -280,7 +309,7 @@ def prepend_prefix(model: nn.Module, kv: torch.Tensor, cfg, kwargs: dict, genera
     cache = kwargs.get("past_key_values")
     if getattr(cache, "peftlab_prefix_len", None) is not None and _cache_len(cache) == cache.peftlab_prefix_len:
         raise ValueError("only one prefix adapter can be active at a time; set_adapter() a single one")
-    if _continuing(kwargs, n, length):
+    if _continuing(kwargs, n, length, "attention_mask"):
         return kwargs
     if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         raise ValueError("prefix methods hand the prefix to the model as a key/value cache, which gradient "
