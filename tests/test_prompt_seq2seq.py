@@ -143,3 +143,20 @@ def test_refusals():
     with pytest.raises(ValueError, match="num_transformer_submodules=2"):
         peftlab.get_peft_model(tiny_llama(), peftlab.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM",
                                                                         num_transformer_submodules=2))
+
+
+@pytest.mark.parametrize("name", ["prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2"])
+def test_decoding_step_by_step_continues_from_its_own_cache(name):
+    model = peftlab.get_peft_model(tiny_t5(), peftlab.get_method(name).make_config(num_virtual_tokens=4,
+                                                                                   task_type="SEQ_2_SEQ_LM"))
+    perturb_trainable(model.eval(), std=0.5)
+    batch = _decoder_inputs(_batch())
+    enc = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    dec, dec_mask = batch["decoder_input_ids"], batch["decoder_attention_mask"]
+    with torch.no_grad():
+        whole = model(**enc, decoder_input_ids=dec, decoder_attention_mask=dec_mask).logits
+        first = model(**enc, decoder_input_ids=dec[:, :4], decoder_attention_mask=dec_mask[:, :4], use_cache=True)
+        step = model(**enc, decoder_input_ids=dec[:, 4:5], decoder_attention_mask=dec_mask[:, :5],
+                     past_key_values=first.past_key_values).logits
+    assert (first.logits - whole[:, :4]).abs().max() <= TOL
+    assert (step[:, 0] - whole[:, 4]).abs().max() <= TOL

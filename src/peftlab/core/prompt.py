@@ -7,6 +7,8 @@ Two ways in, both through `Tuner.prepare_inputs` (so training, evaluation and `g
               `logits[:, n:]` lines up; peftlab's evaluators take the last L positions
   prefix      per-layer key/value prefixes, handed to the model as a transformers `DynamicCache` that already
               holds n positions; the attention mask grows by n, positions start at n (prefix tuning, P-tuning v2)
+Encoder-decoder models (SEQ_2_SEQ_LM; HF PEFT's num_transformer_submodules = 2): virtual tokens go in front of
+the encoder input only, a prefix into the decoder's self-attention cache only, laid out as HF PEFT does.
 The trainable tensors live in `model.prompt_encoder[adapter_name]` (HF PEFT's attribute path): an `embedding`
 table, optionally followed by a reparametrisation head used only during training. Saving folds the head away:
 the file holds the encoder's output under the single key `prompt_embeddings`, exactly like HF PEFT.
@@ -84,14 +86,13 @@ def _submodules(cfg, mc, kv_prefix: bool) -> int:
     if not seq2seq and cfg.task_type == "SEQ_2_SEQ_LM":
         raise ValueError(f"task_type='SEQ_2_SEQ_LM' needs an encoder-decoder model; {type(mc).__name__} is not one")
     n = cfg.num_transformer_submodules or (2 if seq2seq else 1)
-    if seq2seq and kv_prefix:
-        raise ValueError("key/value prefixes on encoder-decoder models are not supported yet")
     # an encoder-decoder prefix with one submodule is a self-attention-only cache, which the decoder's
-    # cross-attention would append to; HF PEFT builds it but the model then computes something else
+    # cross-attention would append its keys to (HF PEFT builds it and T5 then fails on a shape mismatch)
     allowed = ((2,) if kv_prefix else (1, 2)) if seq2seq else (1,)
     if n not in allowed:
-        raise ValueError(f"num_transformer_submodules={n} is not supported here ({type(mc).__name__}, "
-                         f"{'key/value prefix' if kv_prefix else 'virtual tokens'}); use {' or '.join(map(str, allowed))}")
+        what = "key/value prefix" if kv_prefix else "virtual tokens"
+        raise ValueError(f"num_transformer_submodules={n} is not supported here ({type(mc).__name__}, {what}); "
+                         f"use {' or '.join(map(str, allowed))}")
     return n
 
 
@@ -220,7 +221,14 @@ def _grow_mask(kwargs: dict, b: int, n: int, length: int, device) -> None:
         mask = torch.ones(b, length, dtype=torch.long, device=device)
     if mask.dim() != 2:
         raise ValueError(f"virtual tokens need a 2-D attention mask (batch, length), got shape {tuple(mask.shape)}")
-    kwargs["attention_mask"] = torch.cat([mask.new_ones(b, n), mask], dim=1)
+    kwargs["attention_mask"] = mask
+    _prepend_ones(kwargs, "attention_mask", n)
+
+
+def _prepend_ones(kwargs: dict, key: str, n: int) -> None:
+    """n attended positions in front of the mask kwargs[key]."""
+    mask = kwargs[key]
+    kwargs[key] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
 
 
 def _continuing(kwargs: dict, n: int, length: int, mask_key: str) -> bool:
@@ -231,7 +239,7 @@ def _continuing(kwargs: dict, n: int, length: int, mask_key: str) -> bool:
         return False
     mask = kwargs.get(mask_key)
     if mask is not None and mask.shape[1] == past + length - n:
-        kwargs[mask_key] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+        _prepend_ones(kwargs, mask_key, n)
     return True
 
 
@@ -290,14 +298,21 @@ def _left_align(kwargs: dict) -> None:
 
 
 def prefix_cache(model: nn.Module, kv: torch.Tensor, cfg, batch: int):
-    """kv (n, num_layers·2·token_dim) -> a DynamicCache holding each layer's key and value prefix.
-    Column layout as HF PEFT: [layer0 key, layer0 value, layer1 key, ...], each num_heads × head_dim."""
-    from transformers import DynamicCache
-    n, heads = cfg.num_virtual_tokens, cfg.num_attention_heads
+    """kv (n, num_layers·2·token_dim) -> a cache holding each layer's key and value prefix, laid out as HF PEFT:
+    columns [layer0 key, layer0 value, layer1 key, ...], each num_heads × head_dim. One submodule: a DynamicCache.
+    Two (encoder-decoder): PEFT repeats that list of 2·num_layers tensors and deals it out four per decoder layer,
+    keeping the first two as that layer's self-attention prefix (decoder layer i gets layer 2i of the repeated
+    list, so odd layers' columns are never read) and an empty cross-attention cache, which the decoder fills
+    from the encoder output as without a prefix. The encoder gets no prefix."""
+    from transformers import DynamicCache, EncoderDecoderCache
+    n, heads, per = cfg.num_virtual_tokens, cfg.num_attention_heads, 2 * cfg.num_transformer_submodules
     kv = kv.to(model.get_input_embeddings().weight.dtype)
     kv = kv.view(n, cfg.num_layers * 2, heads, cfg.token_dim // heads).permute(1, 2, 0, 3)  # (2L, H, n, hd)
-    kv = kv.unsqueeze(1).expand(-1, batch, -1, -1, -1)                                        # (2L, b, H, n, hd)
-    cache = DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(cfg.num_layers)])
+    kv = kv.repeat(cfg.num_transformer_submodules, 1, 1, 1)                                 # (2L·s, H, n, hd)
+    kv = kv.unsqueeze(1).expand(-1, batch, -1, -1, -1)                                        # (2L·s, b, H, n, hd)
+    cache = DynamicCache([(kv[i], kv[i + 1]) for i in range(0, kv.shape[0], per)])
+    if per == 4:
+        cache = EncoderDecoderCache(cache, DynamicCache())
     cache.peftlab_prefix_len = n  # lets hooks (UniPELT's prefix gate) know where the prefix columns are
     return cache
 
@@ -309,14 +324,26 @@ def prepend_prefix(model: nn.Module, kv: torch.Tensor, cfg, kwargs: dict, genera
     cache = kwargs.get("past_key_values")
     if getattr(cache, "peftlab_prefix_len", None) is not None and _cache_len(cache) == cache.peftlab_prefix_len:
         raise ValueError("only one prefix adapter can be active at a time; set_adapter() a single one")
-    if _continuing(kwargs, n, length, "attention_mask"):
+    # the prefix is the decoder's on encoder-decoder models: the encoder mask stays, the decoder's grows (PEFT)
+    seq2seq = is_encoder_decoder(model)
+    mask_key = "decoder_attention_mask" if seq2seq else "attention_mask"
+    if _continuing(kwargs, n, _decoder_length(kwargs) if seq2seq else length, mask_key):
         return kwargs
     if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         raise ValueError("prefix methods hand the prefix to the model as a key/value cache, which gradient "
                          "checkpointing would append to a second time when it recomputes a layer; train them "
                          "without gradient checkpointing")
     kwargs["past_key_values"] = prefix_cache(model, kv, cfg, b)
-    _grow_mask(kwargs, b, n, length, (ids if embeds is None else embeds).device)
+    if not seq2seq:
+        _grow_mask(kwargs, b, n, length, (ids if embeds is None else embeds).device)
+    elif kwargs.get(mask_key) is not None:
+        _prepend_ones(kwargs, mask_key, n)
     if kwargs.get("position_ids") is not None:
         kwargs["position_ids"] = kwargs["position_ids"] + n
     return kwargs
+
+
+def _decoder_length(kwargs: dict) -> int:
+    dec = kwargs.get("decoder_input_ids")
+    dec = kwargs.get("decoder_inputs_embeds") if dec is None else dec
+    return 0 if dec is None else dec.shape[1]
