@@ -7,6 +7,8 @@ Two ways in, both through `Tuner.prepare_inputs` (so training, evaluation and `g
               `logits[:, n:]` lines up; peftlab's evaluators take the last L positions
   prefix      per-layer key/value prefixes, handed to the model as a transformers `DynamicCache` that already
               holds n positions; the attention mask grows by n, positions start at n (prefix tuning, P-tuning v2)
+Encoder-decoder models (SEQ_2_SEQ_LM; HF PEFT's num_transformer_submodules = 2): virtual tokens go in front of
+the encoder input only, a prefix into the decoder's self-attention cache only, laid out as HF PEFT does.
 The trainable tensors live in `model.prompt_encoder[adapter_name]` (HF PEFT's attribute path): an `embedding`
 table, optionally followed by a reparametrisation head used only during training. Saving folds the head away:
 the file holds the encoder's output under the single key `prompt_embeddings`, exactly like HF PEFT.
@@ -54,11 +56,7 @@ def fill_model_dims(cfg, model: nn.Module, kv_prefix: bool) -> None:
     """HF PEFT's fix-ups: layers, width and heads from the model config; for key/value prefixes on
     grouped-query attention, token_dim = head_dim · num_key_value_heads and heads = num_key_value_heads."""
     mc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if getattr(mc, "is_encoder_decoder", False) or cfg.task_type == "SEQ_2_SEQ_LM" or \
-            (cfg.num_transformer_submodules or 1) != 1:
-        raise ValueError("peftlab's prompt methods support decoder-only and encoder-only models "
-                         "(num_transformer_submodules=1); encoder-decoder models are not supported")
-    cfg.num_transformer_submodules = 1
+    cfg.num_transformer_submodules = _submodules(cfg, mc, kv_prefix)
 
     def first(*names):
         for n in names:
@@ -77,6 +75,35 @@ def fill_model_dims(cfg, model: nn.Module, kv_prefix: bool) -> None:
         cfg.num_attention_heads = mc.num_key_value_heads
     if hasattr(cfg, "encoder_hidden_size") and cfg.encoder_hidden_size is None:
         cfg.encoder_hidden_size = cfg.token_dim
+
+
+def _submodules(cfg, mc, kv_prefix: bool) -> int:
+    """HF PEFT's num_transformer_submodules: 2 (encoder and decoder) for SEQ_2_SEQ_LM, else 1."""
+    seq2seq = bool(getattr(mc, "is_encoder_decoder", False))
+    if seq2seq and cfg.task_type != "SEQ_2_SEQ_LM":
+        raise ValueError(f"prompt methods on an encoder-decoder model ({type(mc).__name__}) need "
+                         f"task_type='SEQ_2_SEQ_LM', got {cfg.task_type!r}")
+    if not seq2seq and cfg.task_type == "SEQ_2_SEQ_LM":
+        raise ValueError(f"task_type='SEQ_2_SEQ_LM' needs an encoder-decoder model; {type(mc).__name__} is not one")
+    n = cfg.num_transformer_submodules or (2 if seq2seq else 1)
+    # an encoder-decoder prefix with one submodule is a self-attention-only cache, which the decoder's
+    # cross-attention would append its keys to (HF PEFT builds it and T5 then fails on a shape mismatch)
+    allowed = ((2,) if kv_prefix else (1, 2)) if seq2seq else (1,)
+    if n not in allowed:
+        what = "key/value prefix" if kv_prefix else "virtual tokens"
+        raise ValueError(f"num_transformer_submodules={n} is not supported here ({type(mc).__name__}, {what}); "
+                         f"use {' or '.join(map(str, allowed))}")
+    return n
+
+
+def virtual_rows(cfg) -> int:
+    """Rows of a virtual-token table: HF PEFT keeps num_virtual_tokens per transformer submodule (its
+    encoder-decoder forward reads only the first num_virtual_tokens, the encoder's)."""
+    return cfg.num_virtual_tokens * cfg.num_transformer_submodules
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
 class PromptEncoders(PeftlabModule, nn.ModuleDict):
@@ -194,18 +221,25 @@ def _grow_mask(kwargs: dict, b: int, n: int, length: int, device) -> None:
         mask = torch.ones(b, length, dtype=torch.long, device=device)
     if mask.dim() != 2:
         raise ValueError(f"virtual tokens need a 2-D attention mask (batch, length), got shape {tuple(mask.shape)}")
-    kwargs["attention_mask"] = torch.cat([mask.new_ones(b, n), mask], dim=1)
+    kwargs["attention_mask"] = mask
+    _prepend_ones(kwargs, "attention_mask", n)
 
 
-def _continuing(kwargs: dict, n: int, length: int) -> bool:
+def _prepend_ones(kwargs: dict, key: str, n: int) -> None:
+    """n attended positions in front of the mask kwargs[key]."""
+    mask = kwargs[key]
+    kwargs[key] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+
+
+def _continuing(kwargs: dict, n: int, length: int, mask_key: str) -> bool:
     """A non-empty cache was passed in: the virtual tokens are already in it (an earlier step put them there).
-    Only the attention mask may still lack their n columns."""
+    Only the mask over the cached positions (`mask_key`, `length` new positions) may still lack their n columns."""
     past = _cache_len(kwargs.get("past_key_values"))
     if past == 0:
         return False
-    mask = kwargs.get("attention_mask")
+    mask = kwargs.get(mask_key)
     if mask is not None and mask.shape[1] == past + length - n:
-        kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+        _prepend_ones(kwargs, mask_key, n)
     return True
 
 
@@ -214,17 +248,20 @@ def prepend_embeddings(model: nn.Module, prompts: torch.Tensor, kwargs: dict, ge
     kwargs = dict(kwargs)
     n = prompts.shape[0]
     ids, embeds, b, length = _inputs(kwargs, "prompt tuning")
-    if _continuing(kwargs, n, length):
+    seq2seq = is_encoder_decoder(model)  # the encoder input is whole on every call; only it gets the tokens
+    if not seq2seq and _continuing(kwargs, n, length, "attention_mask"):
         return kwargs
     if embeds is None:
         embeds = model.get_input_embeddings()(ids)                       # (b, L, d)
     virtual = prompts.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1)   # (b, n, d)
     kwargs["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)      # (b, n+L, d)
     kwargs.pop("input_ids", None)
-    if generate and ids is not None:
+    if generate and ids is not None and not seq2seq:
         kwargs["input_ids"] = ids  # generate() prefills from inputs_embeds and returns input_ids + new tokens
     if generate or kwargs.get("attention_mask") is not None:
         _grow_mask(kwargs, b, n, length, embeds.device)
+    if seq2seq:
+        return kwargs  # labels and decoder inputs are the decoder's, which sees no virtual tokens
     labels = kwargs.get("labels")
     if labels is not None and labels.dim() == 2 and labels.shape[1] == length:  # token labels (causal LM)
         kwargs["labels"] = torch.cat([labels.new_full((b, n), -100), labels], dim=1)
@@ -261,14 +298,21 @@ def _left_align(kwargs: dict) -> None:
 
 
 def prefix_cache(model: nn.Module, kv: torch.Tensor, cfg, batch: int):
-    """kv (n, num_layers·2·token_dim) -> a DynamicCache holding each layer's key and value prefix.
-    Column layout as HF PEFT: [layer0 key, layer0 value, layer1 key, ...], each num_heads × head_dim."""
-    from transformers import DynamicCache
-    n, heads = cfg.num_virtual_tokens, cfg.num_attention_heads
+    """kv (n, num_layers·2·token_dim) -> a cache holding each layer's key and value prefix, laid out as HF PEFT:
+    columns [layer0 key, layer0 value, layer1 key, ...], each num_heads × head_dim. One submodule: a DynamicCache.
+    Two (encoder-decoder): PEFT repeats that list of 2·num_layers tensors and deals it out four per decoder layer,
+    keeping the first two as that layer's self-attention prefix (decoder layer i gets layer 2i of the repeated
+    list, so odd layers' columns are never read) and an empty cross-attention cache, which the decoder fills
+    from the encoder output as without a prefix. The encoder gets no prefix."""
+    from transformers import DynamicCache, EncoderDecoderCache
+    n, heads, per = cfg.num_virtual_tokens, cfg.num_attention_heads, 2 * cfg.num_transformer_submodules
     kv = kv.to(model.get_input_embeddings().weight.dtype)
     kv = kv.view(n, cfg.num_layers * 2, heads, cfg.token_dim // heads).permute(1, 2, 0, 3)  # (2L, H, n, hd)
-    kv = kv.unsqueeze(1).expand(-1, batch, -1, -1, -1)                                        # (2L, b, H, n, hd)
-    cache = DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(cfg.num_layers)])
+    kv = kv.repeat(cfg.num_transformer_submodules, 1, 1, 1)                                 # (2L·s, H, n, hd)
+    kv = kv.unsqueeze(1).expand(-1, batch, -1, -1, -1)                                        # (2L·s, b, H, n, hd)
+    cache = DynamicCache([(kv[i], kv[i + 1]) for i in range(0, kv.shape[0], per)])
+    if per == 4:
+        cache = EncoderDecoderCache(cache, DynamicCache())
     cache.peftlab_prefix_len = n  # lets hooks (UniPELT's prefix gate) know where the prefix columns are
     return cache
 
@@ -280,14 +324,26 @@ def prepend_prefix(model: nn.Module, kv: torch.Tensor, cfg, kwargs: dict, genera
     cache = kwargs.get("past_key_values")
     if getattr(cache, "peftlab_prefix_len", None) is not None and _cache_len(cache) == cache.peftlab_prefix_len:
         raise ValueError("only one prefix adapter can be active at a time; set_adapter() a single one")
-    if _continuing(kwargs, n, length):
+    # the prefix is the decoder's on encoder-decoder models: the encoder mask stays, the decoder's grows (PEFT)
+    seq2seq = is_encoder_decoder(model)
+    mask_key = "decoder_attention_mask" if seq2seq else "attention_mask"
+    if _continuing(kwargs, n, _decoder_length(kwargs) if seq2seq else length, mask_key):
         return kwargs
     if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         raise ValueError("prefix methods hand the prefix to the model as a key/value cache, which gradient "
                          "checkpointing would append to a second time when it recomputes a layer; train them "
                          "without gradient checkpointing")
     kwargs["past_key_values"] = prefix_cache(model, kv, cfg, b)
-    _grow_mask(kwargs, b, n, length, (ids if embeds is None else embeds).device)
+    if not seq2seq:
+        _grow_mask(kwargs, b, n, length, (ids if embeds is None else embeds).device)
+    elif kwargs.get(mask_key) is not None:
+        _prepend_ones(kwargs, mask_key, n)
     if kwargs.get("position_ids") is not None:
         kwargs["position_ids"] = kwargs["position_ids"] + n
     return kwargs
+
+
+def _decoder_length(kwargs: dict) -> int:
+    dec = kwargs.get("decoder_input_ids")
+    dec = kwargs.get("decoder_inputs_embeds") if dec is None else dec
+    return 0 if dec is None else dec.shape[1]

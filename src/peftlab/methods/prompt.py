@@ -2,8 +2,10 @@
 the input embeddings; P-tuning produces them with a small MLP or bi-LSTM encoder during training.
 
 HF PEFT's PromptTuningConfig / PromptEncoderConfig fields and file layout (one tensor `prompt_embeddings`,
-(n, token_dim): the encoder's output, so a saved P-tuning adapter is the folded prompt). The shared
-virtual-token machinery (masks, labels, generate) is core/prompt.py.
+(n · num_transformer_submodules, token_dim): the encoder's output, so a saved P-tuning adapter is the folded
+prompt). On encoder-decoder models (SEQ_2_SEQ_LM, two submodules) the first n rows go in front of the encoder
+input and the decoder is left alone, as in HF PEFT. The shared virtual-token machinery (masks, labels, generate)
+is core/prompt.py.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..core.prompt import PromptLearningConfig, VirtualTokenEncoder, VirtualTokenTuner, encoders, prepend_embeddings
+from ..core.prompt import (PromptLearningConfig, VirtualTokenEncoder, VirtualTokenTuner, encoders, prepend_embeddings,
+                           virtual_rows)
 from ..core.registry import MethodInfo, register_method, register_tuner
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
@@ -66,8 +69,8 @@ def _tokenizer(cfg: PromptTuningConfig):
 
 
 def initial_prompt(model: nn.Module, cfg: PromptTuningConfig) -> Optional[torch.Tensor]:
-    """(n, d) rows of the word embedding matrix for SAMPLE_VOCAB / TEXT; None keeps nn.Embedding's N(0, 1)."""
-    n, words = cfg.num_virtual_tokens, model.get_input_embeddings()
+    """(rows, d) rows of the word embedding matrix for SAMPLE_VOCAB / TEXT; None keeps nn.Embedding's N(0, 1)."""
+    n, words = virtual_rows(cfg), model.get_input_embeddings()
     if cfg.prompt_tuning_init == "SAMPLE_VOCAB":
         ids = torch.randint(0, words.num_embeddings, (n,))
     elif cfg.prompt_tuning_init == "TEXT":
@@ -103,13 +106,14 @@ class _EmbeddingPromptTuner(VirtualTokenTuner):
         box = encoders(model)
         if box is None or box.disabled:
             return kwargs
-        return prepend_embeddings(model, box[adapter_name](), kwargs, generate)
+        # all rows go through the encoder head (an LSTM reads them all); the first n are the input's
+        return prepend_embeddings(model, box[adapter_name]()[:config.num_virtual_tokens], kwargs, generate)
 
 
 @register_tuner("PROMPT_TUNING", PromptTuningConfig)
 class PromptTuningTuner(_EmbeddingPromptTuner):
     def make_encoder(self, model, config):
-        enc = VirtualTokenEncoder(config.num_virtual_tokens, config.token_dim)
+        enc = VirtualTokenEncoder(virtual_rows(config), config.token_dim)
         init = None if config.inference_mode else initial_prompt(model, config)
         if init is not None:
             with torch.no_grad():
@@ -125,7 +129,7 @@ class PTuningTuner(_EmbeddingPromptTuner):
             head = LSTMHead(d, h, config.encoder_num_layers, config.encoder_dropout)
         else:
             head = MLPHead(d, h)
-        return VirtualTokenEncoder(config.num_virtual_tokens, d, head)
+        return VirtualTokenEncoder(virtual_rows(config), d, head)
 
 
 _PROMPT = dict(category="additive", kind="input", mergeable=False, hf_peft_compatible=True, identity_at_init=False)
