@@ -227,9 +227,7 @@ def test_layer_replication_shares_base_weights_and_refuses_merge():
 
 
 # -- fields not implemented stay refused, and variants refuse what they do not implement ---------------------------
-@pytest.mark.parametrize("kw,match", [(dict(init_lora_weights="eva"), "init_lora_weights"),
-                                      (dict(init_lora_weights="loftq"), "init_lora_weights"),
-                                      (dict(eva_config={"rho": 2.0}), "eva_config"),
+@pytest.mark.parametrize("kw,match", [(dict(init_lora_weights="loftq"), "init_lora_weights"),
                                       (dict(loftq_config={"loftq_bits": 4}), "loftq_config"),
                                       (dict(use_qalora=True), "use_qalora")])
 def test_unimplemented_fields_are_refused(kw, match):

@@ -148,3 +148,22 @@ def pattern_value(patterns: dict, module_name: str, default):
         if re.match(rf"(.*\.)?({key})$", module_name):
             return value
     return default
+
+
+def minimal_suffixes(targets: Iterable[str], others: Iterable[str]) -> set[str]:
+    """Few dotted suffixes that match every name in `targets` and no name in `others` (HF PEFT condenses long
+    module lists this way, e.g. 200 q_proj/v_proj paths to {"q_proj", "v_proj"}); greedy, shortest first."""
+    def suffixes(name: str) -> list[str]:
+        parts = name.split(".")
+        return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]
+
+    taken = {s for name in others for s in suffixes(name)}
+    chosen: set[str] = set()
+    for name, candidates in sorted(((t, suffixes(t)) for t in set(targets)), key=lambda item: item[1]):
+        if any(name == s or name.endswith("." + s) for s in chosen):
+            continue
+        free = next((s for s in candidates if s not in taken), None)
+        if free is None:
+            raise ValueError(f"{name} cannot be told apart from the other modules by a suffix")
+        chosen.add(free)
+    return chosen

@@ -1,10 +1,12 @@
-"""The LoRA family as one package: LoRA, rsLoRA, DoRA, PiSSA, CorDA, LoRA-FA, LoRA-dropout.
+"""The LoRA family as one package: LoRA, rsLoRA, DoRA, PiSSA, CorDA, EVA, LoRA-FA, LoRA-dropout.
 
-config.py   LoraConfig (HF PEFT's fields; rsLoRA, DoRA, PiSSA and CorDA are options of it)
+config.py   LoraConfig (HF PEFT's fields; rsLoRA, DoRA, PiSSA, CorDA and EVA are options of it)
 layers.py   LoraLinear / LoraEmbedding: y = W x + s·B A x, the low-rank operand protocol (core/lowrank.py)
 dora.py     DoraLinear: a learned row magnitude over the LoRA-updated direction
 pissa.py    PiSSA's SVD initialisation; olora.py OLoRA's QR one; corda.py CorDA's context-oriented one (needs
             calibration data)
+eva.py      EVA: A from an incremental PCA (ipca.py) of each layer's inputs, ranks redistributed by explained
+            variance, after get_peft_model (initialize_lora_eva_weights); eva_load.py puts the result in the model
 trainable_tokens.py  trainable_token_indices: only some embedding rows train (PEFT's TrainableTokens)
 params.py   target_parameters: LoRA on nn.Parameters such as MoE expert tensors (PEFT's ParamWrapper)
 replication.py  layer_replication: repeated decoder layers sharing base weights
@@ -17,11 +19,12 @@ through the low-rank operand protocol, not through this package.
 from .config import LoraConfig
 from .corda import CordaConfig, CordaLoraConfig, preprocess_corda
 from .dora import DoraLinear
+from .eva import EvaConfig, get_eva_state_dict, initialize_lora_eva_weights
 from .dropout import LoraDropoutConfig, LoraDropoutLinear
 from .fa import LoraFaConfig, LoraFaLinear
 from .layers import LoraEmbedding, LoraLinear, linear_lora_kwargs, lora_scale
 from .tuner import LoraTuner
 
-__all__ = ["CordaConfig", "CordaLoraConfig", "DoraLinear", "LoraConfig", "LoraDropoutConfig", "LoraDropoutLinear",
-           "LoraEmbedding", "LoraFaConfig", "LoraFaLinear", "LoraLinear", "LoraTuner", "linear_lora_kwargs",
-           "lora_scale", "preprocess_corda"]
+__all__ = ["CordaConfig", "CordaLoraConfig", "DoraLinear", "EvaConfig", "LoraConfig", "LoraDropoutConfig",
+           "LoraDropoutLinear", "LoraEmbedding", "LoraFaConfig", "LoraFaLinear", "LoraLinear", "LoraTuner",
+           "get_eva_state_dict", "initialize_lora_eva_weights", "linear_lora_kwargs", "lora_scale", "preprocess_corda"]

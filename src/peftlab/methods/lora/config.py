@@ -1,14 +1,42 @@
-"""LoraConfig: HF PEFT's LoRA configuration, field for field (rsLoRA, DoRA, PiSSA, OLoRA, CorDA, lora_bias, trainable
-tokens, target_parameters and layer replication are options of it; what is not implemented is refused)."""
+"""LoraConfig: HF PEFT's LoRA configuration, field for field (rsLoRA, DoRA, PiSSA, OLoRA, CorDA, EVA, lora_bias,
+trainable tokens, target_parameters and layer replication are options of it; what is not implemented is refused)."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 from ...core.config import PeftConfig
 
 # The config fields that the generic flags --r, --alpha, --dropout set, for every LoRA-family method (MethodInfo).
 LORA_FLAG_FIELDS = dict(rank_field="r", alpha_field="lora_alpha", dropout_field="lora_dropout")
+
+
+class SubConfig(dict):
+    """A LoraConfig sub-configuration with HF PEFT's fields and defaults (CordaConfig, EvaConfig). A dict, so
+    adapter_config.json holds it exactly as PEFT writes it; fields read as attributes too."""
+    DEFAULTS: ClassVar[dict] = {}
+
+    def __init__(self, **fields: Any):
+        unknown = sorted(set(fields) - set(self.DEFAULTS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field(s) {unknown}; fields: {sorted(self.DEFAULTS)}")
+        super().__init__({**self.DEFAULTS, **fields})
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError for a field value PEFT refuses."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @classmethod
+    def of(cls, value: Optional[dict]) -> "SubConfig":
+        """`value` as this class: a dict read from adapter_config.json, None (the defaults), or one already."""
+        return value if isinstance(value, cls) else cls(**(value or {}))
 
 
 @dataclass
@@ -54,7 +82,7 @@ class LoraConfig(PeftConfig):
     # and init_lora_weights values). A subclass (AdaLoRA, LoRA-FA, LoRA-dropout) implements none of them unless it
     # declares them itself, so a field its tuner would ignore is refused rather than accepted and dropped.
     implemented_features: ClassVar[frozenset] = frozenset(
-        {"lora_bias", "olora", "trainable_token_indices", "target_parameters", "layer_replication"})
+        {"lora_bias", "olora", "eva", "trainable_token_indices", "target_parameters", "layer_replication"})
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -69,6 +97,11 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         self._check_init()
         self._check_features()
+        if self.init_lora_weights == "eva":  # PEFT fills in the defaults, so the saved file names every field
+            from .eva import EvaConfig  # eva.py builds on this module
+            self.eva_config = EvaConfig.of(self.eva_config)
+        elif self.eva_config is not None and "eva" in self.implemented_features:
+            warnings.warn("eva_config is ignored unless init_lora_weights='eva' (as in HF PEFT)", stacklevel=3)
 
     def _check_init(self) -> None:
         init = self.init_lora_weights

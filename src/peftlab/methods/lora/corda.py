@@ -29,36 +29,24 @@ from ...core.io import load_tensors, save_tensors
 from ...core.registry import MethodInfo, register_method
 from ...core.selective import innermost, weight_view
 from ...core.targets import is_linear_like, pattern_value, resolve_targets
-from .config import LORA_FLAG_FIELDS, LoraConfig
+from .config import LORA_FLAG_FIELDS, LoraConfig, SubConfig
 
 EIGENS_ATTR = "_peftlab_corda_eigens"   # (U (d_out, r), S (r,), V (d_in, r)) set by preprocess_corda, taken by init
 
 
-class CordaConfig(dict):
-    """HF PEFT's CordaConfig fields. A dict, so `LoraConfig(corda_config=CordaConfig(...))` is written to
-    adapter_config.json exactly as PEFT writes it."""
+class CordaConfig(SubConfig):
+    """HF PEFT's CordaConfig fields, written to adapter_config.json exactly as PEFT writes them."""
     DEFAULTS = {"cache_file": None, "covariance_file": None, "corda_method": "ipm", "verbose": False,
                 "use_float16_for_covariance": False, "prune_temporary_fields": True}
 
-    def __init__(self, **fields: Any):
-        unknown = sorted(set(fields) - set(self.DEFAULTS))
-        if unknown:
-            raise TypeError(f"CordaConfig has no field(s) {unknown}; fields: {sorted(self.DEFAULTS)}")
-        super().__init__({**self.DEFAULTS, **fields})
+    def validate(self) -> None:
         if self["corda_method"] not in ("ipm", "kpm"):
             raise ValueError(f"corda_method must be 'ipm' (largest components, task data) or 'kpm' (smallest "
                              f"components, data whose knowledge to keep), got {self['corda_method']!r}")
 
-    def __getattr__(self, name: str):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
 
 def corda_options(config: LoraConfig) -> CordaConfig:
-    cc = config.corda_config
-    return cc if isinstance(cc, CordaConfig) else CordaConfig(**(cc or {}))
+    return CordaConfig.of(config.corda_config)
 
 
 @dataclass
@@ -77,9 +65,9 @@ class CordaLoraConfig(LoraConfig):
         preprocess_corda(model, self, data, **kwargs)
 
 
-def _targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+def linear_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     """The Linear/Conv1D layers the LoRA tuner will adapt, by the name it passes to corda_init (embedding targets
-    get no CorDA init); an already adapted layer is represented by its base layer."""
+    get no CorDA or EVA init); an already adapted layer is represented by its base layer."""
     out = []
     for name in resolve_targets(model, config):
         module = innermost(model, name)[1]
@@ -192,7 +180,7 @@ def preprocess_corda(model: nn.Module, config: LoraConfig, data: Any = None, hoo
                          f"{config.init_lora_weights!r}")
     opts = corda_options(config)
     config.corda_config = opts
-    targets = _targets(model, config)
+    targets = linear_targets(model, config)
     ranks = {n: pattern_value(config.rank_pattern, n, config.r) for n, _ in targets}
     cache = opts.cache_file
     if cache and os.path.isfile(cache) and os.path.getsize(cache) > 0:
