@@ -2,8 +2,8 @@
 
 PEFT's rule, kept exactly: `True` stores the input and output embeddings (the base matrix of an adapted embedding
 layer, or the whole module when it is not adapted: a vocabulary resized for new tokens); `"auto"` means True when
-target_modules names an `embed_tokens` / `lm_head` layer (not with trainable_token_indices), or when the model's vocab_size differs from the one in the
-base model's config.json (a resized vocabulary), else False.
+target_modules names an `embed_tokens` / `lm_head` layer (not with trainable_token_indices), or when the model's
+vocab_size differs from the one in the base model's config.json (a resized vocabulary), else False.
 """
 from __future__ import annotations
 
