@@ -31,6 +31,9 @@ class PeftConfig:
     inference_mode: bool = False
     auto_mapping: Optional[dict] = None
     peft_version: Optional[str] = field(default=PEFT_FORMAT_VERSION)
+    # Modules trained and saved whole beside the adapter (HF PEFT's field; a task head is added to it for
+    # SEQ_CLS/TOKEN_CLS/QUESTION_ANS). Every method has it, so it is declared once here, not probed for.
+    modules_to_save: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         # Module-name lists may be given as sets or tuples (HF PEFT keeps sets); stored sorted, as JSON lists.

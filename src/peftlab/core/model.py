@@ -110,7 +110,7 @@ class PeftModel(nn.Module):
         if cfg.base_model_name_or_path is None:
             cfg.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         heads = TASK_HEAD_NAMES.get(cfg.task_type, [])
-        if heads and hasattr(cfg, "modules_to_save"):
+        if heads:
             # The task's head names, present or not, exactly as HF PEFT records them (both "classifier" and "score").
             cfg.modules_to_save = list(dict.fromkeys(list(cfg.modules_to_save or []) + heads))
         if cfg.task_type is None and cfg.auto_mapping is None:
@@ -123,7 +123,7 @@ class PeftModel(nn.Module):
         self._refresh()
 
     def _wrap_modules_to_save(self, cfg: PeftConfig, adapter_name: str) -> None:
-        names = getattr(cfg, "modules_to_save", None) or []
+        names = cfg.modules_to_save or []
         if not names:
             return
         model = self.model

@@ -38,11 +38,24 @@ class PromptLearningConfig(PeftConfig):
     num_transformer_submodules: Optional[int] = None
     num_attention_heads: Optional[int] = None
     num_layers: Optional[int] = None
-    modules_to_save: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_virtual_tokens(self)
+
+    def fill_derived_dims(self) -> None:
+        """Fields that default to a model dimension, once fill_model_dims has read it (none here)."""
+
+
+@dataclass
+class EncodedPromptConfig(PromptLearningConfig):
+    """A prompt-learning config whose virtual tokens pass through a trained encoder (P-tuning's MLP/LSTM, prefix
+    tuning's reparametrisation MLP, MAM's and UniPELT's prefixes): HF PEFT's encoder width field."""
+    encoder_hidden_size: Optional[int] = None   # the encoder's hidden width; None: token_dim (HF PEFT's default)
+
+    def fill_derived_dims(self) -> None:
+        if self.encoder_hidden_size is None:
+            self.encoder_hidden_size = self.token_dim
 
 
 def check_virtual_tokens(cfg) -> None:
@@ -52,10 +65,10 @@ def check_virtual_tokens(cfg) -> None:
                          f"prepend), got {n!r}")
 
 
-def fill_model_dims(cfg, model: nn.Module, kv_prefix: bool) -> None:
+def fill_model_dims(cfg: PromptLearningConfig, model: nn.Module, kv_prefix: bool) -> None:
     """HF PEFT's fix-ups: layers, width and heads from the model config; for key/value prefixes on
     grouped-query attention, token_dim = head_dim · num_key_value_heads and heads = num_key_value_heads."""
-    mc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    mc = model.config.get_text_config()  # PretrainedConfig's: the text model's config of a multimodal one
     cfg.num_transformer_submodules = _submodules(cfg, mc, kv_prefix)
 
     def first(*names):
@@ -73,8 +86,7 @@ def fill_model_dims(cfg, model: nn.Module, kv_prefix: bool) -> None:
         head_dim = getattr(mc, "head_dim", None) or cfg.token_dim // cfg.num_attention_heads
         cfg.token_dim = head_dim * mc.num_key_value_heads
         cfg.num_attention_heads = mc.num_key_value_heads
-    if hasattr(cfg, "encoder_hidden_size") and cfg.encoder_hidden_size is None:
-        cfg.encoder_hidden_size = cfg.token_dim
+    cfg.fill_derived_dims()
 
 
 def _submodules(cfg, mc, kv_prefix: bool) -> int:
@@ -201,7 +213,8 @@ class VirtualTokenTuner(Tuner):
 def _cache_len(cache) -> int:
     if cache is None:
         return 0
-    if hasattr(cache, "get_seq_length"):
+    from transformers import Cache
+    if isinstance(cache, Cache):
         return int(cache.get_seq_length())
     return int(cache[0][0].shape[-2])  # legacy tuple of (key, value) per layer
 

@@ -37,7 +37,6 @@ class BottleneckFields(PeftConfig):
     scaling: float = 1.0
     adapter_dropout: float = 0.0
     layers_to_transform: Optional[Union[list[int], int]] = None
-    modules_to_save: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -31,7 +31,6 @@ class BitFitConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = None
     layers_to_transform: Optional[Union[list[int], int]] = None
     layers_pattern: Optional[Union[list[str], str]] = None
-    modules_to_save: Optional[list[str]] = None
     add_bias: bool = False
 
 

@@ -36,7 +36,6 @@ class ChildTuningConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = None
     layers_to_transform: Optional[Union[list[int], int]] = None
     layers_pattern: Optional[Union[list[str], str]] = None
-    modules_to_save: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -37,7 +37,6 @@ class FourierFTConfig(PeftConfig):
     target_modules: Optional[Union[list[str], str]] = None
     exclude_modules: Optional[Union[list[str], str]] = None
     bias: str = "none"
-    modules_to_save: Optional[list[str]] = None
     layers_to_transform: Optional[Union[list[int], int]] = None
     layers_pattern: Optional[Union[list[str], str]] = None
     n_frequency_pattern: dict = field(default_factory=dict)

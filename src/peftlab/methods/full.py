@@ -12,7 +12,6 @@ large as the model. peftlab's CLI saves full fine-tuning as a plain Transformers
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch.nn as nn
 
@@ -24,7 +23,6 @@ from ..core.selective import SLOT, Selection, SelectiveTuner
 @dataclass
 class FullConfig(PeftConfig):
     peft_type: str = "FULL"
-    modules_to_save: Optional[list[str]] = None  # PEFT's field; with everything trained it adds nothing
 
 
 @register_tuner("FULL", FullConfig)

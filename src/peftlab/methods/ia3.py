@@ -48,7 +48,6 @@ class IA3Config(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = None
     feedforward_modules: Optional[Union[list[str], str]] = None
     fan_in_fan_out: bool = False
-    modules_to_save: Optional[list[str]] = None
     init_ia3_weights: bool = True
 
     def __post_init__(self) -> None:

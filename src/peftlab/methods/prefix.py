@@ -13,16 +13,15 @@ from typing import Optional
 
 import torch.nn as nn
 
-from ..core.prompt import PromptLearningConfig, VirtualTokenEncoder, VirtualTokenTuner, encoders, prepend_prefix
+from ..core.prompt import EncodedPromptConfig, VirtualTokenEncoder, VirtualTokenTuner, encoders, prepend_prefix
 from ..core.registry import MethodInfo, register_method, register_tuner
 
 
 @dataclass
-class PrefixFields(PromptLearningConfig):
+class PrefixFields(EncodedPromptConfig):
     """A key/value prefix's settings: PrefixTuningConfig's fields, which MAM and UniPELT compose as well. The
     config itself is the prefix's (not a copy): injecting fills its model dimensions in, and they are saved."""
     init_weights: Optional[str] = None          # None: N(0, 1) as nn.Embedding; "zero": zero keys and values
-    encoder_hidden_size: Optional[int] = None   # width of the reparametrisation MLP; defaults to token_dim
     prefix_projection: bool = False             # train through the MLP (Li & Liang); folded away on save
 
     def __post_init__(self) -> None:

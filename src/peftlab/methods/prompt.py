@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..core.prompt import (PromptLearningConfig, VirtualTokenEncoder, VirtualTokenTuner, encoders, prepend_embeddings,
-                           virtual_rows)
+from ..core.prompt import (EncodedPromptConfig, PromptLearningConfig, VirtualTokenEncoder, VirtualTokenTuner,
+                           encoders, prepend_embeddings, virtual_rows)
 from ..core.registry import MethodInfo, register_method, register_tuner
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
@@ -44,10 +44,9 @@ class PromptTuningConfig(PromptLearningConfig):
 
 
 @dataclass
-class PromptEncoderConfig(PromptLearningConfig):
+class PromptEncoderConfig(EncodedPromptConfig):
     peft_type: str = "P_TUNING"
     encoder_reparameterization_type: str = "MLP"  # "MLP" or "LSTM"
-    encoder_hidden_size: Optional[int] = None     # defaults to token_dim
     encoder_num_layers: int = 2                   # LSTM layers (the MLP always has 3 linear layers, as in PEFT)
     encoder_dropout: float = 0.0                  # between LSTM layers
 

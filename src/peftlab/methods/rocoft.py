@@ -31,7 +31,6 @@ class RoCoFTConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = None
     layers_to_transform: Optional[Union[list[int], int]] = None
     layers_pattern: Optional[Union[list[str], str]] = None
-    modules_to_save: Optional[list[str]] = None
     train_bias: bool = False        # the reference also trains the adapted layers' biases when True
 
     def __post_init__(self) -> None:

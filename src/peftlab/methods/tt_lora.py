@@ -33,7 +33,6 @@ class TTLoraConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = None
     layers_to_transform: Optional[Union[list[int], int]] = None
     layers_pattern: Optional[Union[list[str], str]] = None
-    modules_to_save: Optional[list[str]] = None
     fan_in_fan_out: bool = False
     # dimension -> its factors, e.g. {"768": [64, 4, 3]}; dimensions not listed are factorised automatically
     factorization: dict = field(default_factory=dict)

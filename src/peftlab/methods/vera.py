@@ -39,7 +39,6 @@ class VeraConfig(PeftConfig):
     d_initial: float = 0.1
     fan_in_fan_out: bool = False
     bias: str = "none"
-    modules_to_save: Optional[list[str]] = None
     init_weights: bool = True
     layers_to_transform: Optional[Union[list[int], int]] = None
     layers_pattern: Optional[Union[list[str], str]] = None

@@ -50,7 +50,6 @@ class LoraConfig(PeftConfig):
     fan_in_fan_out: bool = False
     bias: str = "none"
     use_rslora: bool = False
-    modules_to_save: Optional[list[str]] = None
     init_lora_weights: Union[bool, str] = True
     layers_to_transform: Optional[Union[list[int], int]] = None
     layers_pattern: Optional[Union[list[str], str]] = None
