@@ -14,10 +14,13 @@ two paths:
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+import contextlib
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
+
+from .tuner import adapted_layers
 
 Rows = Union[slice, torch.Tensor]
 
@@ -43,6 +46,20 @@ class RowGroups:
 
     def __len__(self) -> int:
         return len(self.groups)
+
+
+@contextlib.contextmanager
+def row_groups(model: torch.nn.Module, adapter_names: list[str], device: torch.device) -> Iterator[None]:
+    """For one forward: rows grouped by adapter once, and every adapted layer of `model` told the groups."""
+    groups = RowGroups(list(adapter_names), device)
+    layers = [layer for _, layer in adapted_layers(model)]
+    try:
+        for layer in layers:
+            layer.batch_groups = groups
+        yield
+    finally:
+        for layer in layers:
+            layer.batch_groups = None
 
 
 def _take(t: torch.Tensor, rows: Rows) -> torch.Tensor:

@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from . import adapter_files as files
+from . import adapter_files as files, heads
 from .adapter_files import check_adapter_name, tuner_types
 from .config import PeftConfig
-from .layer import ModulesToSave, PeftlabModule
+from .layer import ModulesToSave
+from .mixed import row_groups
 from .registry import get_tuner
 from .siblings import SiblingFusion
 from .signature import with_base_signature
@@ -109,42 +109,21 @@ class PeftModel(nn.Module):
         cfg = peft_config.replace()  # our own copy: injection may resolve defaults into it
         if cfg.base_model_name_or_path is None:
             cfg.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-        heads = TASK_HEAD_NAMES.get(cfg.task_type, [])
-        if heads:
+        task_heads = TASK_HEAD_NAMES.get(cfg.task_type, [])
+        if task_heads:
             # The task's head names, present or not, exactly as HF PEFT records them (both "classifier" and "score").
-            cfg.modules_to_save = list(dict.fromkeys(list(cfg.modules_to_save or []) + heads))
+            cfg.modules_to_save = list(dict.fromkeys(list(cfg.modules_to_save or []) + task_heads))
         if cfg.task_type is None and cfg.auto_mapping is None:
             # HF PEFT records the model class when there is no task type, to rebuild it from the adapter alone.
             cfg.auto_mapping = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
         tuner = get_tuner(cfg.peft_type)
         tuner.inject(model, cfg, adapter_name)
-        self._wrap_modules_to_save(cfg, adapter_name)
+        heads.wrap_modules_to_save(model, cfg.modules_to_save or [], adapter_name)
         self.peft_config[adapter_name] = cfg
         self._refresh()
 
-    def _wrap_modules_to_save(self, cfg: PeftConfig, adapter_name: str) -> None:
-        names = cfg.modules_to_save or []
-        if not names:
-            return
-        model = self.model
-        found = False
-        wrappers = [w for w, m in model.named_modules() if w and isinstance(m, PeftlabModule)]
-        for full, module in list(model.named_modules()):
-            if any(full.startswith(w + ".") for w in wrappers):
-                continue  # never wrap the insides of an adapted layer or of another head copy
-            if any(re.fullmatch(rf"(.*\.)?{re.escape(n)}", full) for n in names):
-                wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
-                wrapper.add(adapter_name)
-                if wrapper is not module:
-                    set_submodule(model, full, wrapper)
-                found = True
-        if not found:
-            raise ValueError(f"modules_to_save {names} matched no module of this {type(model).__name__}")
-
     def _modules_to_save(self) -> Iterator[tuple[str, ModulesToSave]]:
-        for name, module in self.model.named_modules():
-            if isinstance(module, ModulesToSave):
-                yield name, module
+        return heads.head_copies(self.model)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
@@ -191,27 +170,7 @@ class PeftModel(nn.Module):
                 p.requires_grad_(True)
 
     def _bias_parameters(self, cfg: PeftConfig, adapter_name: str) -> dict[str, nn.Parameter]:
-        """Biases trained under `bias="all"` (every bias) or `"lora_only"` (biases of adapted layers), keyed by
-        their saved names. HF PEFT names a head copy's bias `<head>.modules_to_save.bias`; we follow it."""
-        mode = getattr(cfg, "bias", "none")
-        if mode == "none":
-            return {}
-        if mode not in ("all", "lora_only"):
-            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {mode!r}")
-        out = {}
-        for name, p in self.model.named_parameters():
-            if not name.endswith("bias") or ".adapters." in name:
-                continue
-            if mode == "lora_only" and ".base_layer." not in name:
-                continue
-            if ".copies." in name:
-                head, _, rest = name.partition(".copies.")
-                owner, _, param = rest.partition(".")
-                if owner != adapter_name:
-                    continue
-                name = f"{head}.modules_to_save.{param}"
-            out[name] = p
-        return out
+        return heads.trained_biases(self.model, getattr(cfg, "bias", "none"), adapter_name)  # LoRA-style configs
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -245,17 +204,8 @@ class PeftModel(nn.Module):
         if rewriting:
             raise ValueError(f"mixed-adapter batches (adapter_names=...) are not supported with {rewriting}: prompt "
                              f"and prefix methods change the inputs of the whole batch; run one adapter per batch")
-        # Group rows by adapter once per forward; each layer then handles all groups at once (core/mixed.py).
-        from .mixed import RowGroups
-        groups = RowGroups(list(adapter_names), self._device())
-        layers = [layer for _, layer in adapted_layers(self.model)]
-        try:
-            for layer in layers:
-                layer.batch_groups = groups
+        with row_groups(self.model, adapter_names, self._device()):
             yield
-        finally:
-            for layer in layers:
-                layer.batch_groups = None
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
