@@ -1,4 +1,5 @@
-"""Calibration data for data-driven methods (CorDA's covariances, Child-tuning's Fisher mask): one way to feed a model.
+"""Calibration data for data-driven methods (CorDA's covariances, EVA's PCA, Child-tuning's Fisher mask): one way to
+feed a model, and one way to see what its target layers read (InputHook).
 
 Accepted `data`: a DataLoader or any iterable of batch dicts ({"input_ids": (B, T), "attention_mask": ...}),
 a dataset or list of rows ({"input_ids": [ids...]} or plain texts with a `tokenizer`), a (N, T) tensor of token
@@ -7,7 +8,7 @@ ids, or a single batch dict. Rows are padded into batches of `batch_size` with a
 from __future__ import annotations
 
 import inspect
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -106,3 +107,26 @@ def device_of(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+class InputHook:
+    """A forward hook that hands one layer's input to `sink`, as `prepare(args, context, name)` makes it. `context`
+    is what the caller sets per batch (a mask, chosen positions) for `prepare` to read."""
+
+    def __init__(self, name: str, prepare: Callable, sink: Callable):
+        self.name, self.prepare, self.sink = name, prepare, sink
+        self.context = None
+
+    @torch.no_grad()
+    def __call__(self, module, args, output) -> None:
+        self.sink(self.prepare(args, self.context, self.name))
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Under torch.distributed, every rank's rows concatenated (each rank must have seen different batches)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, x.detach().cpu())
+    return torch.cat(parts).to(x.device)

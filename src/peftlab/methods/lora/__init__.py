@@ -16,10 +16,10 @@ fa.py       LoRA-FA (A frozen), dropout.py LoRA-dropout: own peft_types, LoRA's 
 The fused kernels these layers run are in core/functional.py: sibling fusion and mixed batches (core) call them
 through the low-rank operand protocol, not through this package.
 """
-from .config import LoraConfig
+from .config import EvaConfig, LoraConfig
 from .corda import CordaConfig, CordaLoraConfig, preprocess_corda
 from .dora import DoraLinear
-from .eva import EvaConfig, get_eva_state_dict, initialize_lora_eva_weights
+from .eva import get_eva_state_dict, initialize_lora_eva_weights
 from .dropout import LoraDropoutConfig, LoraDropoutLinear
 from .fa import LoraFaConfig, LoraFaLinear
 from .layers import LoraEmbedding, LoraLinear, linear_lora_kwargs, lora_scale

@@ -39,6 +39,20 @@ class SubConfig(dict):
         return value if isinstance(value, cls) else cls(**(value or {}))
 
 
+class EvaConfig(SubConfig):
+    """HF PEFT's EvaConfig: rho (max rank rho·r per layer), tau (convergence threshold), use_label_mask and
+    label_mask_value (positions left out of the SVD), whiten (A rows divided by √σ), adjust_scaling_factors."""
+    DEFAULTS = {"rho": 2.0, "tau": 0.99, "use_label_mask": True, "label_mask_value": -100, "whiten": False,
+                "adjust_scaling_factors": True}
+
+    def validate(self) -> None:
+        if self["rho"] < 1.0:
+            raise ValueError(f"EvaConfig: rho must be >= 1.0 (the most rank a layer may get is rho * r), got "
+                             f"{self['rho']}")
+        if not 0.0 <= self["tau"] <= 1.0:
+            raise ValueError(f"EvaConfig: tau is a cosine similarity threshold in [0, 1], got {self['tau']}")
+
+
 @dataclass
 class LoraConfig(PeftConfig):
     peft_type: str = "LORA"
@@ -97,7 +111,6 @@ class LoraConfig(PeftConfig):
         self._check_init()
         self._check_features()
         if self.init_lora_weights == "eva":  # PEFT fills in the defaults, so the saved file names every field
-            from .eva import EvaConfig  # eva.py builds on this module
             self.eva_config = EvaConfig.of(self.eva_config)
         elif self.eva_config is not None and "eva" in self.implemented_features:
             warnings.warn("eva_config is ignored unless init_lora_weights='eva' (as in HF PEFT)", stacklevel=3)

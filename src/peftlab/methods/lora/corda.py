@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from ...core.calibration import device_of, iter_batches, model_inputs
+from ...core.calibration import InputHook, device_of, iter_batches, model_inputs
 from ...core.io import load_tensors, save_tensors
 from ...core.registry import MethodInfo, register_method
 from ...core.selective import innermost, weight_view
@@ -86,38 +86,36 @@ def _checksum(w: torch.Tensor) -> torch.Tensor:
     return torch.stack([w.sum(), (w * w).sum(), w.abs().max()]).cpu()
 
 
+def _samples(args, mask: Optional[torch.Tensor], name: str) -> list[torch.Tensor]:
+    """A layer input's samples: each row's real (unpadded) tokens when the batch's mask fits, else each row."""
+    x = args[0].detach()
+    if x.dim() == 3 and mask is not None and tuple(mask.shape) == tuple(x.shape[:2]):
+        return [x[b][mask[b].bool()] for b in range(x.shape[0])]
+    return list(x) if x.dim() == 3 else [x.reshape(-1, x.shape[-1])]
+
+
 @torch.no_grad()
 def collect_covariance(model: nn.Module, targets: list[tuple[str, nn.Module]], data: Any = None,
                        run_model: Optional[Callable[[], None]] = None, fp16: bool = False,
                        **batch_kwargs) -> dict[str, torch.Tensor]:
     """C per target = mean over samples of (X/max X)ᵀ(X/max X), X a sample's real (unpadded) tokens."""
-    current: dict[str, Optional[torch.Tensor]] = {"mask": None}
     sums = {name: None for name, _ in targets}
     counts = {name: 0 for name, _ in targets}
 
-    def make_hook(name):
-        def hook(module, args, output):
-            x = args[0].detach()
-            mask = current["mask"]
-            if x.dim() == 3 and mask is not None and tuple(mask.shape) == tuple(x.shape[:2]):
-                samples = [x[b][mask[b].bool()] for b in range(x.shape[0])]
-            elif x.dim() == 3:
-                samples = list(x)
-            else:
-                samples = [x.reshape(-1, x.shape[-1])]
-            scaled = []
-            for s in samples:
-                s = s if fp16 else s.float()
-                scaled.append(s / s.max().abs())
-            z = torch.cat(scaled)                                                    # (Σ tokens, d_in)
-            if not torch.isfinite(z).all():
-                raise ValueError(f"CorDA: non-finite activations at {name}; check the calibration data")
-            cov = z.t() @ z                    # Σ_samples (X/max X)ᵀ(X/max X) as one product, (d_in, d_in)
-            sums[name] = cov if sums[name] is None else sums[name] + cov
-            counts[name] += len(samples)
-        return hook
+    def accumulate(name: str, samples: list[torch.Tensor]) -> None:
+        scaled = []
+        for s in samples:
+            s = s if fp16 else s.float()
+            scaled.append(s / s.max().abs())
+        z = torch.cat(scaled)                                                        # (Σ tokens, d_in)
+        if not torch.isfinite(z).all():
+            raise ValueError(f"CorDA: non-finite activations at {name}; check the calibration data")
+        cov = z.t() @ z                        # Σ_samples (X/max X)ᵀ(X/max X) as one product, (d_in, d_in)
+        sums[name] = cov if sums[name] is None else sums[name] + cov
+        counts[name] += len(samples)
 
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in targets]
+    hooks = [InputHook(n, _samples, lambda samples, n=n: accumulate(n, samples)) for n, _ in targets]
+    handles = [m.register_forward_hook(h) for h, (_, m) in zip(hooks, targets)]
     was_training = model.training
     model.eval()
     try:
@@ -128,7 +126,8 @@ def collect_covariance(model: nn.Module, targets: list[tuple[str, nn.Module]], d
             for batch in iter_batches(data, **batch_kwargs):
                 inputs = model_inputs(model, batch, device)
                 inputs.pop("labels", None)
-                current["mask"] = inputs.get("attention_mask")
+                for h in hooks:
+                    h.context = inputs.get("attention_mask")
                 model(**inputs)
     finally:
         for h in handles:

@@ -25,115 +25,19 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ...core.calibration import device_of
+from ...core.calibration import InputHook, device_of, gather_rows
 from ...core.model import PeftModel
 from ...core.targets import pattern_value
 from ...core.tuner import adapted_layers
-from .config import SubConfig
+from .config import EvaConfig
 from .corda import linear_targets
+from .eva_inputs import (forward_fn_dict, layer_fns, prepare_layer_inputs_fn_language_modeling,
+                         prepare_model_inputs_fn_language_modeling)
 from .eva_load import PEFT_PREFIX, load_eva_state_dict
-from .ipca import IncrementalPCA
+from .ipca import ConvergingPCA
 from .layers import LoraLinear
 
 RHO_LIMIT = 1000                    # above it, rho is capped at the largest parameter dimension / r (PEFT's rule)
-
-
-class EvaConfig(SubConfig):
-    """HF PEFT's EvaConfig: rho (max rank rho·r per layer), tau (convergence threshold), use_label_mask and
-    label_mask_value (positions left out of the SVD), whiten (A rows divided by √σ), adjust_scaling_factors."""
-    DEFAULTS = {"rho": 2.0, "tau": 0.99, "use_label_mask": True, "label_mask_value": -100, "whiten": False,
-                "adjust_scaling_factors": True}
-
-    def validate(self) -> None:
-        if self["rho"] < 1.0:
-            raise ValueError(f"EvaConfig: rho must be >= 1.0 (the most rank a layer may get is rho * r), got "
-                             f"{self['rho']}")
-        if not 0.0 <= self["tau"] <= 1.0:
-            raise ValueError(f"EvaConfig: tau is a cosine similarity threshold in [0, 1], got {self['tau']}")
-
-
-# -- PEFT's default input handling, same names and arguments, so custom functions written for PEFT fit ---------------
-def forward_fn_dict(model: nn.Module, inputs: dict):
-    return model(**inputs)
-
-
-def prepare_model_inputs_fn_language_modeling(model_input: dict, peft_config) -> torch.Tensor:
-    """(N, 2) indices of the positions the SVD uses: attention mask, and labels != label_mask_value."""
-    if not isinstance(model_input, dict):
-        raise TypeError(f"EVA's language-modeling input function needs batch dicts, got {type(model_input).__name__}; "
-                        f"pass prepare_model_inputs_fn=None or your own")
-    mask = model_input.get("attention_mask", torch.ones_like(model_input["input_ids"])).bool()
-    opts = EvaConfig.of(peft_config.eva_config)
-    if opts.use_label_mask and "labels" in model_input:
-        mask = mask & (model_input["labels"] != opts.label_mask_value)
-    return mask.nonzero()
-
-
-def _first_tensor(layer_input, layer_name: str) -> torch.Tensor:
-    x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"EVA: {layer_name} gets a {type(x).__name__}, not a tensor; pass a prepare_layer_inputs_fn "
-                        f"that returns its inputs as a 2-D tensor")
-    return x
-
-
-def prepare_layer_inputs_fn_language_modeling(layer_input, model_input: torch.Tensor, layer_name: str):
-    """The layer's input rows at the positions prepare_model_inputs_fn_language_modeling chose."""
-    return _first_tensor(layer_input, layer_name)[model_input.T.unbind()]
-
-
-def prepare_layer_inputs_fn_default(layer_input, model_input, layer_name: str) -> torch.Tensor:
-    """Used when prepare_layer_inputs_fn is None: every position, flattened to (N, d)."""
-    x = _first_tensor(layer_input, layer_name)
-    return x.reshape(-1, x.shape[-1]) if x.dim() > 2 else x
-
-
-def _gather(x: torch.Tensor, gather: bool) -> torch.Tensor:
-    """Under torch.distributed, every rank's rows (each rank must see different batches)."""
-    if not (gather and dist.is_available() and dist.is_initialized()):
-        return x
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, x.detach().cpu())
-    return torch.cat(parts).to(x.device)
-
-
-class _LayerInput:
-    """A forward hook: prepares one layer's input rows and hands them to `sink`."""
-
-    def __init__(self, name: str, fn: Callable, gather: bool, sink: Callable[[torch.Tensor], None]):
-        self.name, self.fn, self.gather, self.sink = name, fn, gather, sink
-        self.model_input = None
-
-    @torch.no_grad()
-    def __call__(self, module, args, output) -> None:
-        self.sink(_gather(self.fn(args, self.model_input, self.name), self.gather))
-
-
-class _SvdState:
-    """One shared input's PCA and which of its components have converged."""
-
-    def __init__(self, n_components: int, tau: float, name: str):
-        self.pca, self.tau, self.name = IncrementalPCA(n_components), tau, name
-        self.converged = torch.zeros(n_components, dtype=torch.bool)
-
-    def update(self, rows: torch.Tensor) -> None:
-        if rows.shape[0] < self.pca.k:  # too few rows for k components: this batch is skipped for this layer
-            return
-        previous = self.pca.components
-        self.pca.partial_fit(rows)
-        if previous is not None:
-            sim = torch.nn.functional.cosine_similarity(self.pca.components, previous)
-            self.converged = (sim >= self.tau).cpu()
-
-
-def _layer_fns(names: list[str], prepare_layer_inputs_fn) -> dict[str, Callable]:
-    if not isinstance(prepare_layer_inputs_fn, Mapping):
-        fn = prepare_layer_inputs_fn or prepare_layer_inputs_fn_default
-        return {n: fn for n in names}
-    unknown = sorted(set(prepare_layer_inputs_fn) - set(names))
-    if unknown:
-        raise ValueError(f"prepare_layer_inputs_fn names modules EVA does not target: {unknown}")
-    return {n: prepare_layer_inputs_fn.get(n) or prepare_layer_inputs_fn_default for n in names}
 
 
 def _shared_inputs(names: list[str], first: dict[str, torch.Tensor]) -> tuple[list[str], dict[str, str]]:
@@ -145,7 +49,7 @@ def _shared_inputs(names: list[str], first: dict[str, torch.Tensor]) -> tuple[li
     return list(groups), {m: rep for rep, members in groups.items() for m in members[1:]}
 
 
-def _distribute(states: dict[str, _SvdState], owner: dict[str, str], shared: dict[str, str], budget: int,
+def _distribute(states: dict[str, ConvergingPCA], owner: dict[str, str], shared: dict[str, str], budget: int,
                 max_components: dict[str, int]) -> dict[str, int]:
     """Ranks per layer: the `budget` largest explained variance ratios, each layer offering its input's first
     max_components; a layer owning a shared PCA takes the largest rank of its group (it needs those components)."""
@@ -195,8 +99,8 @@ class _Run:
         fn = self.prepare_model_inputs_fn
         return batch, (fn(batch, self.config) if fn is not None else deepcopy(batch))
 
-    def _hook(self, name: str, sink) -> tuple[_LayerInput, object]:
-        hook = _LayerInput(name, self.layer_fns[name], self.gather, sink)
+    def _hook(self, name: str, sink) -> tuple[InputHook, object]:
+        hook = InputHook(name, self.layer_fns[name], (lambda x: sink(gather_rows(x))) if self.gather else sink)
         return hook, self.targets[name].register_forward_hook(hook)
 
     def shared_inputs(self, first_batch) -> tuple[list[str], dict[str, str]]:
@@ -207,7 +111,7 @@ class _Run:
         try:
             for name in self.targets:
                 hook, handle = self._hook(name, lambda x, name=name: seen.setdefault(name, x.detach().cpu()))
-                hook.model_input = hook_input
+                hook.context = hook_input
                 handles.append(handle)
             self.forward_fn(self.model, batch)
         finally:
@@ -225,7 +129,7 @@ class _Run:
     def fit(self, dataloader, progress: bool) -> dict[str, torch.Tensor]:
         reps, shared = self.shared_inputs(next(iter(dataloader)))
         tau = EvaConfig.of(self.config.eva_config).tau
-        states = {n: _SvdState(self.max_components[n], tau, n) for n in reps}
+        states = {n: ConvergingPCA(self.max_components[n], tau, n) for n in reps}
         hooks = {n: self._hook(n, states[n].update) for n in reps}
         owner = {**{n: n for n in reps}, **shared}
         ranks, done = dict(self.max_components), {n: False for n in reps}
@@ -238,7 +142,7 @@ class _Run:
                 batch, hook_input = self._inputs(batch)
                 for n in reps:
                     hooks[n] = self._switch(n, hooks[n], bool(states[n].converged[: ranks[n]].all()), done)
-                    hooks[n][0].model_input = hook_input
+                    hooks[n][0].context = hook_input
                 bar(sum(done[owner[n]] for n in owner))
                 if all(done.values()):
                     break
@@ -265,14 +169,14 @@ class _Run:
             return listener, self.targets[name].register_forward_hook(listener)
         return hook
 
-    def _components(self, state: _SvdState, rank: int) -> torch.Tensor:
+    def _components(self, state: ConvergingPCA, rank: int) -> torch.Tensor:
         u = state.pca.components[:rank]
         if EvaConfig.of(self.config.eva_config).whiten:
             u = u / state.pca.singular_values[:rank].sqrt().reshape(-1, 1)
         return u.to(self.device)
 
 
-def _starved(states: dict[str, _SvdState]) -> str:
+def _starved(states: dict[str, ConvergingPCA]) -> str:
     name, state = next((n, s) for n, s in states.items() if s.pca.components is None)
     return f"{name} (needs {state.pca.k} rows)"
 
@@ -327,7 +231,7 @@ def get_eva_state_dict(model: nn.Module, dataloader: Iterable, peft_config=None,
     if not targets:
         raise ValueError("EVA: no Linear/Conv1D layer is targeted (EVA initialises LoRA on linear layers only)")
     run = _Run(model, peft_config, targets, forward_fn or forward_fn_dict, prepare_model_inputs_fn,
-               _layer_fns(list(targets), prepare_layer_inputs_fn), gather_distributed_inputs)
+               layer_fns(list(targets), prepare_layer_inputs_fn), gather_distributed_inputs)
     was_training = model.training
     model.eval()
     try:

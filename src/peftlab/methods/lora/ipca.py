@@ -70,3 +70,21 @@ class IncrementalPCA:
         vt = v.mH
         signs = torch.sign(vt.gather(1, vt.abs().argmax(dim=1, keepdim=True)))
         return s, vt * signs
+
+
+class ConvergingPCA:
+    """An incremental PCA that also tracks which of its components have converged (EVA: the cosine similarity of
+    each component with the previous batch's reaches tau)."""
+
+    def __init__(self, n_components: int, tau: float, name: str):
+        self.pca, self.tau, self.name = IncrementalPCA(n_components), tau, name
+        self.converged = torch.zeros(n_components, dtype=torch.bool)
+
+    def update(self, rows: torch.Tensor) -> None:
+        if rows.shape[0] < self.pca.k:  # too few rows for k components: this batch is skipped for this layer
+            return
+        previous = self.pca.components
+        self.pca.partial_fit(rows)
+        if previous is not None:
+            sim = torch.nn.functional.cosine_similarity(self.pca.components, previous)
+            self.converged = (sim >= self.tau).cpu()
