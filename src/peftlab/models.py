@@ -19,6 +19,8 @@ import zipfile
 
 import torch
 
+from .hf.defaults import SEQ_CLS_HEAD_NAMES
+
 TASKS = ("causal-lm", "seq-cls", "encoder")
 
 
@@ -221,14 +223,41 @@ def _move_into_place(build: pathlib.Path, final: pathlib.Path, work: pathlib.Pat
             raise
 
 
+QUANTIZE = ("nf4", "fp4", "int8")
+
+
+def quantization_config(quantize: str, double_quant: bool = True, compute_dtype: torch.dtype | None = None,
+                        skip_modules: list[str] | None = None):
+    """transformers' BitsAndBytesConfig for quantize = "nf4" | "fp4" (4-bit, blocksize 64, double quantisation
+    of the block scales unless double_quant=False) or "int8" (LLM.int8, outlier threshold 6.0)."""
+    from transformers import BitsAndBytesConfig
+
+    from .core.quantized import require_bitsandbytes
+
+    if quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantize={quantize!r}; expected one of {', '.join(QUANTIZE)}")
+    require_bitsandbytes()
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize,
+                              bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype or torch.float32,
+                              llm_int8_skip_modules=skip_modules)
+
+
 def load_model(name_or_path: str, task: str | None = None, num_labels: int | None = None,
-               dtype: torch.dtype = torch.float32):
+               dtype: torch.dtype = torch.float32, quantize: str | None = None, double_quant: bool = True,
+               compute_dtype: torch.dtype | None = None):
     """Load (model, tokenizer) from an embedded name or a local HF directory, offline.
 
     task: "causal-lm" (AutoModelForCausalLM; tokenizer gets a pad token, eos if none, and left padding),
     "seq-cls" (AutoModelForSequenceClassification with num_labels; config.pad_token_id set from the
     tokenizer), or "encoder" (AutoModel, e.g. sentence embeddings). None: the embedded model's default
     kind, "causal-lm" for a local directory.
+
+    quantize: "nf4" | "fp4" | "int8" loads the linear layers quantised by bitsandbytes (QLoRA's base), as
+    transformers' BitsAndBytesConfig does (see quantization_config); the output head and a classifier stay
+    dense. compute_dtype: the 4-bit layers' matmul dtype (default: dtype).
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -237,20 +266,29 @@ def load_model(name_or_path: str, task: str | None = None, num_labels: int | Non
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     path = model_path(name_or_path)
+    quant = {}
+    if quantize is not None:
+        # heads stay dense: transformers keeps the LM head so by itself, a fresh classifier it would quantise
+        quant["quantization_config"] = quantization_config(quantize, double_quant, compute_dtype or dtype,
+                                                           skip_modules=["lm_head", *SEQ_CLS_HEAD_NAMES])
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ValueError(f"tokenizer in {path} has neither a pad nor an eos token; cannot pad batches")
         tok.pad_token = tok.eos_token
     if task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **quant)
         tok.padding_side = "left"  # generation continues from the last position; callers may switch to right
     elif task == "seq-cls":
         if not num_labels or num_labels < 2:
             raise ValueError(f"task 'seq-cls' needs num_labels >= 2, got {num_labels!r}")
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels, dtype=dtype,
+                                                                   **quant)
     else:
-        model = AutoModel.from_pretrained(str(path), dtype=dtype)
+        model = AutoModel.from_pretrained(str(path), dtype=dtype, **quant)
+    if quantize is not None:
+        from .core.quantized import keep_canonical_layout
+        keep_canonical_layout(model)
     if getattr(model.config, "pad_token_id", None) is None or task == "seq-cls":
         model.config.pad_token_id = tok.pad_token_id
     return model, tok

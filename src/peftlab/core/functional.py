@@ -5,6 +5,8 @@ keep extra N×d temporaries. Here the scale is applied to the N×r tensor u = s�
 and the base matmul accumulates onto it (addmm, beta=1), so the output costs no extra N×d pass or buffer.
 Backward saves x (which A's gradient needs anyway) and u (N×r, 4r bytes a row; recomputing it would cost one
 more pass over x); no N×d intermediate is saved. Without autograd, many rows go through W + s·BA instead.
+A quantised base (core/quantized.py) passes W as a transient dequantised tensor plus `rebuild`, a function
+that dequantises it again: the kernels then keep nothing of W for backward and call `rebuild` there.
 Shapes: x (N, d_in), W (d_out, d_in), A (r, d_in), B (d_out, r), u (N, r).
 """
 from __future__ import annotations
@@ -65,27 +67,38 @@ def _lora_backward(ctx, g, x2, weight, lora_A, lora_B, u, s: float):
     return grad_x, grad_A, grad_B
 
 
+def _kept_weight(weight: torch.Tensor, rebuild) -> Optional[torch.Tensor]:
+    """What backward keeps of W: W itself (a parameter, alive anyway), or nothing when it can be rebuilt."""
+    return None if rebuild is not None else weight
+
+
+def _weight_for_backward(saved: Optional[torch.Tensor], rebuild) -> torch.Tensor:
+    return saved if rebuild is None else rebuild()
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scale: float):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale: float, rebuild=None):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         u = F.linear(x2, lora_A).mul_(scale)               # (N, d_in) -> (N, r)
         out = _base_onto_lowrank(x2, weight, bias, u, lora_B)
-        ctx.save_for_backward(x2 if ctx.needs_input_grad[3] else None, weight, lora_A, lora_B,
-                              u if ctx.needs_input_grad[4] else None)
-        ctx.scale, ctx.has_bias, ctx.x_shape = scale, bias is not None, shape
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[3] else None, _kept_weight(weight, rebuild), lora_A,
+                              lora_B, u if ctx.needs_input_grad[4] else None)
+        ctx.scale, ctx.has_bias, ctx.x_shape, ctx.rebuild = scale, bias is not None, shape, rebuild
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         x2, weight, lora_A, lora_B, u = ctx.saved_tensors
+        if ctx.needs_input_grad[0]:
+            weight = _weight_for_backward(weight, ctx.rebuild)
         g = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x, grad_A, grad_B = _lora_backward(ctx, g, x2, weight, lora_A, lora_B, u, ctx.scale)
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
         grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_bias, grad_A, grad_B, None
+        return grad_x, None, grad_bias, grad_A, grad_B, None, None
 
 
 class _DoraLinear(torch.autograd.Function):
@@ -98,7 +111,7 @@ class _DoraLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, inv_norm, scale: float):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, inv_norm, scale: float, rebuild=None):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         u = F.linear(x2, lora_A).mul_(scale)               # (N, r)
@@ -113,31 +126,39 @@ class _DoraLinear(torch.autograd.Function):
             if bias is not None:
                 out.add_(bias)
         keep = (z if ctx.saved_z else out) if need_m else None
-        ctx.save_for_backward(x2 if (ctx.needs_input_grad[3] or need_m) else None, weight, lora_A, lora_B,
-                              u, col_scale, inv_norm, bias, keep)
-        ctx.scale, ctx.x_shape = scale, shape
+        ctx.save_for_backward(x2 if (ctx.needs_input_grad[3] or need_m) else None, _kept_weight(weight, rebuild),
+                              lora_A, lora_B, u, col_scale, inv_norm, bias, keep)
+        ctx.scale, ctx.x_shape, ctx.rebuild = scale, shape, rebuild
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         x2, weight, lora_A, lora_B, u, col_scale, inv_norm, bias, kept = ctx.saved_tensors
+        if ctx.needs_input_grad[0]:
+            weight = _weight_for_backward(weight, ctx.rebuild)
         g = grad_out.reshape(-1, grad_out.shape[-1])
         gs = g * col_scale                                 # gradient through the column scale, (N, d_out)
         grad_x, grad_A, grad_B = _lora_backward(ctx, gs, x2, weight, lora_A, lora_B, u, ctx.scale)
         grad_m = grad_bias = None
         if ctx.needs_input_grad[5]:                        # gs is spent: its memory holds g·y
-            grad_m = _dora_magnitude_grad(g, gs, kept, ctx.saved_z, col_scale, inv_norm, bias, x2, weight, u, lora_B)
+            grad_m = _dora_magnitude_grad(g, gs, kept, ctx.saved_z, col_scale, inv_norm, bias, x2,
+                                          _weight_source(weight, ctx.rebuild), u, lora_B)
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
         if bias is not None and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
-        return grad_x, None, grad_bias, grad_A, grad_B, grad_m, None, None
+        return grad_x, None, grad_bias, grad_A, grad_B, grad_m, None, None, None
 
 
-def _dora_magnitude_grad(g, buf, kept, saved_z: bool, col_scale, inv_norm, bias, x2, weight, u, lora_B):
+def _weight_source(weight: Optional[torch.Tensor], rebuild):
+    """W on demand, for code that needs it only in a rare branch: the kept W, or a rebuilt one."""
+    return (lambda: weight) if weight is not None else rebuild
+
+
+def _dora_magnitude_grad(g, buf, kept, saved_z: bool, col_scale, inv_norm, bias, x2, weight_of, u, lora_B):
     """∂L/∂m = ‖·‖⁻¹ Σ_n g·z for y = c ⊙ z + b, from the kept z (saved_z) or the kept output y (z = (y − b)/c).
     `buf` (N, d_out) is scratch memory the caller no longer needs. Columns whose c is exactly 0 (m_j = 0) cannot
-    recover z from y: those few are recomputed from x (nothing is recomputed otherwise)."""
+    recover z from y: those few are recomputed from x and W = weight_of() (nothing is recomputed otherwise)."""
     ones = g.new_ones(g.shape[0])
     gk = ones @ torch.mul(g, kept, out=buf)            # Σ_n g·z (saved z) or Σ_n g·y, (d_out,)
     if saved_z:
@@ -148,13 +169,14 @@ def _dora_magnitude_grad(g, buf, kept, saved_z: bool, col_scale, inv_norm, bias,
     gz = gk / torch.where(zero, torch.ones_like(col_scale), col_scale)
     if bool(zero.any()):                               # z of those columns from x, exactly
         idx = zero.nonzero().squeeze(1)
-        z_cols = F.linear(x2, weight.index_select(0, idx)).addmm_(u, lora_B.index_select(0, idx).t())
+        z_cols = F.linear(x2, weight_of().index_select(0, idx)).addmm_(u, lora_B.index_select(0, idx).t())
         gz = gz.index_copy(0, idx, ones @ (g.index_select(1, idx) * z_cols))
     return gz * inv_norm
 
 
 # Per member of a sibling group, from its LowRankOperands: weight (d_out, d_in), bias, lora_A (r, d_in),
-# lora_B (d_out, r), magnitude and inv_norm (DoRA's m and 1/‖W + sBA‖_row; None for LoRA).
+# lora_B (d_out, r), magnitude and inv_norm (DoRA's m and 1/‖W + sBA‖_row; None for LoRA). Each member's
+# rebuild_weight (a quantised base) travels beside them in `rebuilds`.
 _SLOTS = 6
 
 
@@ -170,7 +192,7 @@ class _LowRankGroup(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scales: tuple, *flat):
+    def forward(ctx, x, scales: tuple, rebuilds: tuple, *flat):
         ctx.set_materialize_grads(False)                   # an output nobody used gets None, not a zero tensor
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -180,7 +202,7 @@ class _LowRankGroup(torch.autograd.Function):
         u = F.linear(x2, lora_A)                           # (N, d_in) -> (N, Σr): every member's x Aᵀ at once
         us = u.split(ranks, 1)
         outs, saved = [], []
-        for (weight, bias, _, lora_B, magnitude, inv_norm), u_i, s in zip(members, us, scales):
+        for (weight, bias, _, lora_B, magnitude, inv_norm), u_i, s, rebuild in zip(members, us, scales, rebuilds):
             u_i.mul_(s)
             if magnitude is None:
                 out, col_scale = _base_onto_lowrank(x2, weight, bias, u_i, lora_B), None
@@ -190,19 +212,20 @@ class _LowRankGroup(torch.autograd.Function):
                 if bias is not None:
                     out.add_(bias)
             outs.append(out.view(*shape[:-1], out.shape[-1]))
-            saved += [weight, bias, lora_B, col_scale, inv_norm, out if magnitude is not None else None]
+            saved += [_kept_weight(weight, rebuild), bias, lora_B, col_scale, inv_norm,
+                      out if magnitude is not None else None]
         ctx.save_for_backward(x2, u, lora_A, *saved)
-        ctx.scales, ctx.ranks, ctx.x_shape = scales, ranks, shape
+        ctx.scales, ctx.ranks, ctx.x_shape, ctx.rebuilds = scales, ranks, shape, rebuilds
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         x2, u, lora_A, *saved = ctx.saved_tensors
-        need = ctx.needs_input_grad                        # (x, scales, member 0's six slots, member 1's, ...)
+        need = ctx.needs_input_grad[:2] + ctx.needs_input_grad[3:]  # (x, scales, member 0's six slots, ...)
         us = u.split(ctx.ranks, 1)
         flat_grads = [None] * (len(need) - 2)
         grad_x, gbs = None, []
-        for i, (g, s, u_i) in enumerate(zip(grads, ctx.scales, us)):
+        for i, (g, s, u_i, rebuild) in enumerate(zip(grads, ctx.scales, us, ctx.rebuilds)):
             weight, bias, lora_B, col_scale, inv_norm, kept = saved[i * _SLOTS:(i + 1) * _SLOTS]
             slot = i * _SLOTS
             if g is None:                                  # this member's output was not used
@@ -214,27 +237,29 @@ class _LowRankGroup(torch.autograd.Function):
             if need[2 + slot + 3]:
                 flat_grads[slot + 3] = (u_i.t() @ gs).t()  # (r, N) @ (N, d_out)
             if need[0]:                                    # Σ_i gs_i W_i, accumulated in one buffer
+                weight = _weight_for_backward(weight, rebuild)
                 grad_x = torch.mm(gs, weight) if grad_x is None else grad_x.addmm_(gs, weight)
             if bias is not None and need[2 + slot + 1]:
                 flat_grads[slot + 1] = g.sum(0)
             if col_scale is not None and need[2 + slot + 4]:  # gs (its own tensor for DoRA) is spent: reuse it
                 flat_grads[slot + 4] = _dora_magnitude_grad(g, gs, kept, False, col_scale, inv_norm, bias, x2,
-                                                            weight, u_i, lora_B)
+                                                            _weight_source(weight, rebuild), u_i, lora_B)
         gb = torch.cat(gbs, 1)                             # (N, Σr)
         if grad_x is not None:
             grad_x = grad_x.addmm_(gb, lora_A).view(ctx.x_shape)  # + Σ_i gb_i A_i as one (N, Σr) @ (Σr, d_in)
         if any(need[2 + i * _SLOTS + 2] for i in range(len(ctx.ranks))):
             for i, grad_A in enumerate((gb.t() @ x2).split(ctx.ranks, 0)):  # (Σr, N) @ (N, d_in)
                 flat_grads[i * _SLOTS + 2] = grad_A
-        return (grad_x, None, *flat_grads)
+        return (grad_x, None, None, *flat_grads)
 
 
 def lowrank_group(x: torch.Tensor, members: "list[LowRankOperands]") -> tuple[torch.Tensor, ...]:
     """Outputs of sibling layers reading x, one per member's operands (core/lowrank.py). The training path of
     core.siblings."""
     scales = tuple(float(m.scale) for m in members)
+    rebuilds = tuple(m.rebuild_weight for m in members)
     flat = [t for m in members for t in (m.weight, m.bias, m.lora_A, m.lora_B, m.magnitude, m.inv_norm)]
-    return _LowRankGroup.apply(x, scales, *flat)
+    return _LowRankGroup.apply(x, scales, rebuilds, *flat)
 
 
 def fused_ok(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
@@ -244,14 +269,16 @@ def fused_ok(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
     return all(t.dtype == x.dtype for t in tensors if t is not None)
 
 
-def lora_linear(x, weight, bias: Optional[torch.Tensor], lora_A, lora_B, scale: float) -> torch.Tensor:
-    """W x + b + s·B A x. weight is (d_out, d_in) (a transposed view for Conv1D is fine)."""
+def lora_linear(x, weight, bias: Optional[torch.Tensor], lora_A, lora_B, scale: float,
+                rebuild=None) -> torch.Tensor:
+    """W x + b + s·B A x. weight is (d_out, d_in) (a transposed view for Conv1D is fine); rebuild: how to get it
+    again in backward instead of keeping it (a quantised base)."""
     if weight.requires_grad:  # full fine-tuning of W plus LoRA: let autograd handle W's gradient
         return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, lora_A), lora_B)
     if not torch.is_grad_enabled() or not (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
                                            or (bias is not None and bias.requires_grad)):
         return _lora_inference(x, weight, bias, lora_A, lora_B, scale)
-    return _LoraLinear.apply(x, weight, bias, lora_A, lora_B, scale)
+    return _LoraLinear.apply(x, weight, bias, lora_A, lora_B, scale, rebuild)
 
 
 def _lora_inference(x, weight, bias, lora_A, lora_B, scale: float) -> torch.Tensor:
@@ -268,7 +295,7 @@ def _lora_inference(x, weight, bias, lora_A, lora_B, scale: float) -> torch.Tens
     return out.view(*shape[:-1], out.shape[-1])
 
 
-def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, inv_norm, scale: float) -> torch.Tensor:
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, inv_norm, scale: float, rebuild=None) -> torch.Tensor:
     """c ⊙ (W x + s·B A x) + b with c = magnitude · inv_norm (inv_norm = 1/‖W + sBA‖_row, a constant)."""
     if weight.requires_grad:  # W trained too: plain autograd, so W gets its gradient
         z = F.linear(x, weight) + scale * F.linear(F.linear(x, lora_A), lora_B)
@@ -283,4 +310,4 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, inv_norm, scale: flo
         if bias is not None:
             out.add_(bias)
         return out.view(*shape[:-1], out.shape[-1])
-    return _DoraLinear.apply(x, weight, bias, lora_A, lora_B, magnitude, inv_norm, scale)
+    return _DoraLinear.apply(x, weight, bias, lora_A, lora_B, magnitude, inv_norm, scale, rebuild)

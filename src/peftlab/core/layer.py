@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .loading import check_keys, check_shape
 from .lowrank import LowRankOperands
+from .quantized import dense_base
 
 
 class PeftlabModule:
@@ -141,12 +142,16 @@ class AdaptedLayer(PeftlabModule, nn.Module):
         self.active = [n for n in names if n in self.adapters]
 
     # -- merging ---------------------------------------------------------------------------------------
-    def merge(self, names: Optional[list[str]] = None) -> None:
+    def merge(self, names: Optional[list[str]] = None, requantize: bool = True) -> None:
+        """Fold adapters into the base weight. A quantised base is quantised again afterwards (HF PEFT's merge on
+        bitsandbytes layers; it adds the quantiser's rounding), or with requantize=False left dense in its
+        compute dtype (what merge_and_unload does by default)."""
         for name in names if names is not None else self.active:
             if name in self.adapters and name not in self.merged:
                 if self.adapters[name].merge_refused:
                     raise TypeError(f"adapter {name!r} cannot be merged: {self.adapters[name].merge_refused}")
-                self.adapters[name].merge_into(self.base_layer)
+                with dense_base(self, requantize=requantize):  # a quantised base: dequantised, merged, requantised
+                    self.adapters[name].merge_into(self.base_layer)
                 self.merged.append(name)
                 self._base_changed()
 
@@ -154,7 +159,8 @@ class AdaptedLayer(PeftlabModule, nn.Module):
         # Undo in reverse order: multiplicative merges (DoRA, IA3) do not commute with additive ones.
         for name in reversed(list(self.merged)):
             if names is None or name in names:
-                self.adapters[name].unmerge_from(self.base_layer)
+                with dense_base(self):
+                    self.adapters[name].unmerge_from(self.base_layer)
                 self.merged.remove(name)
                 self._base_changed()
 

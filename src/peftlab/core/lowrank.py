@@ -20,7 +20,7 @@ adapter that says nothing is simply computed by its own forward.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Protocol
+from typing import Callable, NamedTuple, Optional, Protocol
 
 import torch
 import torch.nn as nn
@@ -35,6 +35,9 @@ class LowRankOperands(NamedTuple):
     scale: float                              # s
     magnitude: Optional[torch.Tensor] = None  # DoRA's m (d_out,); None: c = 1
     inv_norm: Optional[torch.Tensor] = None   # 1/‖W + sBA‖_row (d_out,), no gradient; with magnitude
+    # a quantised base (core/quantized.py): W is a transient dequantised copy and this rebuilds it for backward,
+    # so the kernels keep nothing of it; None: W is the layer's own tensor, kept as is
+    rebuild_weight: Optional[Callable[[], torch.Tensor]] = None
 
     @property
     def rank(self) -> int:

@@ -18,6 +18,7 @@ from .adapter_files import check_adapter_name, tuner_types
 from .config import PeftConfig
 from .layer import ModulesToSave
 from .mixed import row_groups
+from .quantized import clear_quantization_markers, keep_canonical_layout
 from .registry import get_tuner
 from .siblings import SiblingFusion
 from .signature import with_base_signature
@@ -117,6 +118,7 @@ class PeftModel(nn.Module):
             # HF PEFT records the model class when there is no task type, to rebuild it from the adapter alone.
             cfg.auto_mapping = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
         tuner = get_tuner(cfg.peft_type)
+        keep_canonical_layout(model)
         tuner.inject(model, cfg, adapter_name)
         heads.wrap_modules_to_save(model, cfg.modules_to_save or [], adapter_name)
         self.peft_config[adapter_name] = cfg
@@ -289,16 +291,41 @@ class PeftModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+                         adapter_names: Optional[list[str]] = None, requantize: bool = False) -> nn.Module:
+        """Fold the adapters into the base weights and return the plain model. On a quantised (bitsandbytes)
+        base the merged layers come back as dense nn.Linear in their compute dtype, or, with requantize=True,
+        quantised again with the original settings (as HF PEFT does; that adds the quantiser's rounding, see
+        core/quantized.py). safe_merge checks the merged weights for NaN/inf before anything is replaced."""
         names = adapter_names if adapter_names is not None else self._active
         self._check_mergeable(names)
         for _, layer in adapted_layers(self.model):
-            layer.merge(names)
             if safe_merge:
+                self._check_safe_merge(layer, names)
+            layer.merge(names, requantize=requantize)
+            if safe_merge:  # multiplicative merges (IA3) have no additive delta to check first
                 for p in layer.base_layer.parameters():
-                    if not torch.isfinite(p).all():
+                    if p.is_floating_point() and not torch.isfinite(p).all():
                         raise ValueError("merging produced NaN/inf in the base weights; the adapter is broken")
-        return self._unload_all(merge=True)
+        model = self._unload_all(merge=True)
+        clear_quantization_markers(model)
+        return model
+
+    @staticmethod
+    def _check_safe_merge(layer, names: list[str]) -> None:
+        """HF PEFT's safe_merge: the merge is tried on a copy of the weights first, so a broken adapter (NaN/inf)
+        leaves the model untouched."""
+        for name in names:
+            adapter = layer.adapters[name] if name in layer.adapters else None
+            if adapter is None or not adapter.mergeable or name in layer.merged:
+                continue
+            try:
+                with torch.no_grad():
+                    delta = adapter.delta_weight(layer.base_layer)
+            except NotImplementedError:
+                continue
+            if not torch.isfinite(delta).all():
+                raise ValueError(f"merging adapter {name!r} would put NaN/inf into the base weights; the adapter is "
+                                 f"broken, and the model was left unmerged")
 
     def unload(self) -> nn.Module:
         """Remove every adapter and return the base model (merged adapters are unmerged first)."""

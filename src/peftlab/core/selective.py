@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from .layer import AdaptedLayer
 from .loading import check_shape, mismatch
+from .quantized import is_quantized, refuse_quantized_weight, weight_dtype
 from .tuner import Tuner
 
 SLOT = "peftlab_selective"          # the ModuleDict a selected module carries: adapter -> param -> Entry
@@ -286,13 +287,17 @@ class SelectiveTuner(Tuner):
                     f"({entries[sel.param.replace('.', '_')].peft_type}); selective methods train the model's own "
                     f"tensors in place, so two adapters cannot share one. delete_adapter({other!r}) or "
                     f"merge_and_unload() first, or exclude this module.")
+        if sel.param == "weight":
+            refuse_quantized_weight(self.peft_type, sel.module, module)
         if sel.kind == "new":
             if getattr(module, sel.param, None) is not None:
                 raise ValueError(f"{sel.module} already has a {sel.param}; nothing to add")
             ref = module.weight
+            size = ref.shape[1] if _is_conv1d(module) else module.out_features if isinstance(module, nn.Linear) \
+                else ref.shape[0]  # out_features: a quantised weight is stored packed
+            dtype = weight_dtype(module) if is_quantized(module) else ref.dtype
             module.register_parameter(sel.param, nn.Parameter(
-                torch.zeros(ref.shape[1] if _is_conv1d(module) else ref.shape[0], dtype=ref.dtype, device=ref.device),
-                requires_grad=False))
+                torch.zeros(size, dtype=dtype, device=ref.device), requires_grad=False))
         fifo = _is_conv1d(module)
         if sel.kind in PARTIAL:
             view = weight_view(module, sel.param, fifo)

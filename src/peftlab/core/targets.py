@@ -40,9 +40,10 @@ def linear_features(method: str, layer: nn.Module, module_name: str) -> tuple[in
         raise ValueError(f"{method} cannot adapt {module_name} ({type(layer).__name__}); it supports nn.Linear "
                          f"and transformers' Conv1D. Leave it out of target_modules (or use exclude_modules)")
     layer = unwrapped(layer)
-    conv1d = not isinstance(layer, nn.Linear)
+    if isinstance(layer, nn.Linear):  # its declared sizes: a quantised (bitsandbytes) weight is stored packed
+        return layer.in_features, layer.out_features, False
     w = layer.weight
-    return (w.shape[0], w.shape[1], True) if conv1d else (w.shape[1], w.shape[0], False)
+    return w.shape[0], w.shape[1], True
 
 
 def _name_matches(spec, key: str) -> bool:

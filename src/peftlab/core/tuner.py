@@ -6,6 +6,7 @@ implements `create_adapter`; input and selective methods implement the small Tun
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Optional
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn as nn
 
 from .layer import AdaptedLayer, Adapter
 from .loading import copy_checked
+from .quantized import dense_base
 from .targets import is_linear_like, resolve_targets
 from ..hf.defaults import default_targets
 
@@ -120,6 +122,11 @@ class LayerTuner(Tuner):
     def create_adapter(self, base_layer: nn.Module, config, module_name: str, adapter_name: str) -> Adapter:
         raise NotImplementedError
 
+    def init_writes_base(self, config) -> bool:
+        """Whether create_adapter writes the base weight (PiSSA's residual): a quantised base is then handed to it
+        dequantised and quantised again afterwards (core.quantized.dense_base), as HF PEFT does."""
+        return False
+
     def inject(self, model: nn.Module, config, adapter_name: str) -> None:
         names = resolve_targets(model, config, module_filter=self.target_filter,
                                 default_table=self.default_targets_table)
@@ -136,7 +143,8 @@ class LayerTuner(Tuner):
             if not isinstance(module, AdaptedLayer):
                 module = AdaptedLayer(module)
                 set_submodule(model, name, module)
-            adapter = self.create_adapter(module.base_layer, config, name, adapter_name)
+            with dense_base(module) if self.init_writes_base(config) else contextlib.nullcontext():
+                adapter = self.create_adapter(module.base_layer, config, name, adapter_name)
             module.add(adapter_name, adapter.to(self._device_of(module.base_layer)))
 
     @staticmethod

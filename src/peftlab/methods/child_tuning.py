@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from ..core.calibration import device_of, iter_batches, model_inputs
 from ..core.config import PeftConfig
+from ..core.quantized import refuse_quantized_weight
 from ..core.registry import MethodInfo, register_method, register_tuner
 from ..core.selective import Selection, SelectiveTuner, innermost
 from ..core.targets import is_linear_like, resolve_targets
@@ -79,6 +80,8 @@ def compute_fisher_mask(model: nn.Module, config: ChildTuningConfig, data: Any, 
     form core/calibration.py accepts. Returns {module name: bool mask (d_out, d_in)}.
     """
     targets = _targets(model, config)
+    for name, module in targets:
+        refuse_quantized_weight("Child-tuning", name, module)
     weights = [m.weight for _, m in targets]
     saved = {p: p.requires_grad for p in model.parameters()}
     fisher = [torch.zeros_like(w, dtype=torch.float32) for w in weights]

@@ -19,6 +19,7 @@ import torch.nn as nn
 from ..core.config import PeftConfig
 from ..core.layer import Adapter
 from ..core.registry import MethodInfo, register_method, register_tuner
+from ..core.targets import linear_features
 from ..core.tuner import LayerTuner
 
 INITS = ("normalized_kaiming", "zero")
@@ -143,15 +144,10 @@ class TTLoraTuner(LayerTuner):
         return list(config.factorization.get(str(d)) or factorize(d, config.max_factor))
 
     def create_adapter(self, base_layer, config: TTLoraConfig, module_name: str, adapter_name: str) -> Adapter:
-        w = getattr(base_layer, "weight", None)
-        if w is None or w.dim() != 2 or isinstance(base_layer, nn.Embedding):
-            raise ValueError(f"TT-LoRA cannot adapt {module_name} ({type(base_layer).__name__}); it supports "
-                             f"nn.Linear and transformers' Conv1D")
-        fan_in_fan_out = config.fan_in_fan_out or type(base_layer).__name__ == "Conv1D"
-        d_out, d_in = w.shape[::-1] if fan_in_fan_out else w.shape
+        d_in, d_out, conv1d = linear_features("TT-LoRA", base_layer, module_name)
         adapter = TTLoraLinear(d_in, d_out, self.factors(d_in, config), self.factors(d_out, config), config.r,
-                               config.alpha, config.init_weights, fan_in_fan_out)
-        return adapter.to(w.device)
+                               config.alpha, config.init_weights, config.fan_in_fan_out or conv1d)
+        return adapter.to(base_layer.weight.device)
 
 
 register_method(MethodInfo(

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from ...core.calibration import InputHook, device_of, iter_batches, model_inputs
 from ...core.io import load_tensors, save_tensors
+from ...core.quantized import dequantize, is_quantized, keep_canonical_layout
 from ...core.registry import MethodInfo, register_method
 from ...core.selective import innermost, weight_view
 from ...core.targets import is_linear_like, pattern_value, resolve_targets
@@ -77,7 +78,9 @@ def linear_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.M
 
 
 def _weight(module: nn.Module, fan_in_fan_out: bool = False) -> torch.Tensor:
-    """The weight as (d_out, d_in) float32."""
+    """The weight as (d_out, d_in) float32 (a quantised base's dequantised)."""
+    if is_quantized(module):
+        return dequantize(module, torch.float32)
     return weight_view(module, "weight", fan_in_fan_out or type(module).__name__ == "Conv1D").float()
 
 
@@ -179,6 +182,7 @@ def preprocess_corda(model: nn.Module, config: LoraConfig, data: Any = None, hoo
                          f"{config.init_lora_weights!r}")
     opts = corda_options(config)
     config.corda_config = opts
+    keep_canonical_layout(model)  # the calibration forwards must not repack a 4-bit base (core/quantized.py)
     targets = linear_targets(model, config)
     ranks = {n: pattern_value(config.rank_pattern, n, config.r) for n, _ in targets}
     cache = opts.cache_file

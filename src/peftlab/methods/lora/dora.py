@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ...core.functional import dora_linear, fused_ok
 from ...core.lowrank import LowRankOperands
+from ...core.quantized import base_fusable
 from .layers import LoraLinear
 
 
@@ -35,49 +36,52 @@ class DoraLinear(LoraLinear):
         self._norm_of = None
         self._peft_norm_key = None
 
-    def _weight_sq_norm(self, w: torch.Tensor) -> torch.Tensor:
+    def _weight_sq_norm(self, w: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         if torch.compiler.is_compiling():  # data_ptr keys cannot be traced; the compiler fuses this reduction
             return w.detach().double().pow(2).sum(1)
-        key = (w.data_ptr(), w._version, w.device, w.dtype)
+        stored = base_layer.weight  # the layer's own tensor (packed, for a quantised base; w is then a copy)
+        key = (stored.data_ptr(), stored._version, stored.device, stored.dtype)
         if self._norm_of != key:
             self.weight_sq_norm = w.detach().double().pow(2).sum(1)
             self._norm_of = key
         return self.weight_sq_norm
 
     @torch.no_grad()
-    def merged_sq_norm(self, base_layer: nn.Module) -> torch.Tensor:
+    def merged_sq_norm(self, base_layer: nn.Module, w: Optional[torch.Tensor] = None) -> torch.Tensor:
         """‖W + sBA‖² per output row (float64), from r×r and d_out×r products only:
         ‖W_i + sB_iA‖² = ‖W_i‖² + B_i·(2s·A W_iᵀ + s²·(A Aᵀ) B_iᵀ).
 
         In float64: the terms can nearly cancel (W + sBA far smaller than W), and fp32 would then lose the
         digits that HF PEFT's direct norm keeps. The one large product, W Aᵀ (d_out×d_in×r flops, ~r/N of the
         layer), runs in the adapter's precision (no float64 copy of W); its rounding error is relative to the
-        cross term, not to ‖W‖². Few ops on purpose: each costs ~10 µs of dispatch, on every layer every step."""
-        w = self.base_weight(base_layer)
+        cross term, not to ‖W‖². Few ops on purpose: each costs ~10 µs of dispatch, on every layer every step.
+        w: base_weight(), when the caller has it already (a quantised base is dequantised once per forward)."""
+        w = self.base_weight(base_layer) if w is None else w
         A, s = self.lora_A.double(), self.scale
         B = self.lora_B.double()
         wa = (w.to(self.lora_A.dtype) @ self.lora_A.t()).double()            # (d_out, d_in) @ (d_in, r)
         inner = torch.addmm(wa, B, A @ A.t(), beta=2 * s, alpha=s * s)      # (d_out, r)
-        return (B * inner).sum(1).add_(self._weight_sq_norm(w)).clamp_min_(0)
+        return (B * inner).sum(1).add_(self._weight_sq_norm(w, base_layer)).clamp_min_(0)
 
-    def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
+    def weight_norm(self, base_layer: nn.Module, w: Optional[torch.Tensor] = None) -> torch.Tensor:
         """‖W + sBA‖ per output row, in the magnitude's dtype."""
-        return self.merged_sq_norm(base_layer).sqrt_().to(self.magnitude.dtype)
+        return self.merged_sq_norm(base_layer, w).sqrt_().to(self.magnitude.dtype)
 
     @torch.no_grad()
     def peft_weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
         """‖W + sBA‖ computed exactly as HF PEFT does (B A formed via an identity matrix), cached while W, A and
         B are unchanged. Used outside training so inference outputs match PEFT's to the last bit."""
-        w = self.base_weight(base_layer)
+        stored = base_layer.weight  # the cache key: the layer's own (for a quantised base, packed) tensor
 
         def norm() -> torch.Tensor:
+            w = self.base_weight(base_layer)
             eye = torch.eye(self.lora_A.shape[1], device=w.device, dtype=self.lora_A.dtype)
             lora_weight = F.linear(F.linear(eye, self.lora_A), self.lora_B).T
             return torch.linalg.norm(w + self.scale * lora_weight.to(w.dtype), dim=1).to(w.dtype)
 
         if torch.compiler.is_compiling():  # data_ptr keys cannot be traced: no cache inside a compiled graph
             return norm()
-        key = (w.data_ptr(), w._version, self._norm_of, self.lora_A._version, self.lora_B._version,
+        key = (stored.data_ptr(), stored._version, self._norm_of, self.lora_A._version, self.lora_B._version,
                self.lora_A.data_ptr(), self.lora_B.data_ptr())
         if getattr(self, "_peft_norm_key", None) != key:
             self._peft_norm = norm()
@@ -92,28 +96,32 @@ class DoraLinear(LoraLinear):
     def lowrank_operands(self, base_layer: nn.Module) -> Optional[LowRankOperands]:
         if self._dropout_active():
             return None
+        w = self.base_weight(base_layer)
         if self.training:
-            inv_norm = self.merged_sq_norm(base_layer).rsqrt_().to(self.magnitude.dtype)
+            inv_norm = self.merged_sq_norm(base_layer, w).rsqrt_().to(self.magnitude.dtype)
         else:
             inv_norm = self.peft_weight_norm(base_layer).to(self.magnitude.dtype).reciprocal()
-        return LowRankOperands(self.base_weight(base_layer), base_layer.bias, self.lora_A, self.lora_B, self.scale,
-                               self.magnitude, inv_norm)
+        return LowRankOperands(w, base_layer.bias, self.lora_A, self.lora_B, self.scale, self.magnitude, inv_norm,
+                               self.weight_rebuild(base_layer))
 
     def forward(self, x: torch.Tensor, base_layer: nn.Module, result: Optional[torch.Tensor]) -> torch.Tensor:
-        w = self.base_weight(base_layer)
+        w = None  # the base weight, dequantised at most once in this call (a quantised base)
         if not self.training:
             norm = self.peft_weight_norm(base_layer)
         else:
-            norm = self.weight_norm(base_layer)
-            if result is None and not self._dropout_active() and fused_ok(x, w, self.lora_A, self.magnitude):
+            w = self.base_weight(base_layer)
+            norm = self.weight_norm(base_layer, w)
+            if result is None and not self._dropout_active() and base_fusable(base_layer, x) and \
+                    fused_ok(x, self.lora_A, self.magnitude):
                 return dora_linear(x, w, base_layer.bias, self.lora_A, self.lora_B, self.magnitude,
-                                   (1.0 / norm).to(x.dtype), self.scale)
+                                   (1.0 / norm).to(x.dtype), self.scale, self.weight_rebuild(base_layer))
         # HF PEFT's formulation: result + (m/‖·‖ − 1)·(W x_d) + (m/‖·‖)·s·B A x_d, x_d = dropout(x).
         mag_scale = (self.magnitude / norm.to(self.magnitude.dtype)).view(1, -1)
         h = self.dropout(x.to(self.lora_A.dtype))
         if result is None:
             result = base_layer(x)
         if self._dropout_active():
+            w = self.base_weight(base_layer) if w is None else w
             base_nobias = F.linear(h, w.to(h.dtype))
         else:
             base_nobias = result if base_layer.bias is None else result - base_layer.bias

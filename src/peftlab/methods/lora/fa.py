@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ...core.functional import fused_ok
 from ...core.layer import Adapter
 from ...core.lowrank import LowRankOperands
+from ...core.quantized import base_fusable
 from ...core.registry import MethodInfo, register_method, register_tuner
 from ...core.tuner import LayerTuner
 from .config import LORA_FLAG_FIELDS, LoraConfig
@@ -50,14 +51,15 @@ class _LoraFaLinear(torch.autograd.Function):
     """out = x Wᵀ + b + s·(x Aᵀ) Bᵀ with A and W frozen: saves x·Aᵀ (N, r), never x (N, d_in)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scale: float):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale: float, rebuild=None):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xa = x2 @ lora_A.t()                                # (N, d_in) @ (d_in, r) -> (N, r)
         out = F.linear(x2, weight, bias)
         out.addmm_(xa, lora_B.t(), alpha=scale)              # (N, r) @ (r, d_out)
-        ctx.save_for_backward(xa, weight, lora_A, lora_B)
-        ctx.scale, ctx.has_bias, ctx.x_shape = scale, bias is not None, shape
+        # a quantised base's dequantised W is not kept: rebuild() makes it again in backward
+        ctx.save_for_backward(xa, None if rebuild is not None else weight, lora_A, lora_B)
+        ctx.scale, ctx.has_bias, ctx.x_shape, ctx.rebuild = scale, bias is not None, shape, rebuild
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -66,14 +68,14 @@ class _LoraFaLinear(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_B = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ weight                              # (N, d_out) @ (d_out, d_in)
+            grad_x = g @ (weight if ctx.rebuild is None else ctx.rebuild())  # (N, d_out) @ (d_out, d_in)
             grad_x.addmm_(g @ lora_B, lora_A, alpha=ctx.scale)
             grad_x = grad_x.view(ctx.x_shape)
         if ctx.needs_input_grad[4]:
             grad_B = (g.t() @ xa).mul_(ctx.scale)            # (d_out, N) @ (N, r)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
-        return grad_x, None, grad_bias, None, grad_B, None
+        return grad_x, None, grad_bias, None, grad_B, None, None
 
 
 class _ProjectGrad(torch.autograd.Function):
@@ -115,7 +117,7 @@ class LoraFaLinear(LoraLinear):
         if self._dropout_active():
             return None
         return LowRankOperands(self.base_weight(base_layer), base_layer.bias, self.lora_A, self._trained_B(),
-                               self.scale)
+                               self.scale, rebuild_weight=self.weight_rebuild(base_layer))
 
     def joins_sibling_group(self, x: torch.Tensor, base_layer: nn.Module) -> bool:
         return False
@@ -123,9 +125,10 @@ class LoraFaLinear(LoraLinear):
     def forward(self, x: torch.Tensor, base_layer: nn.Module, result: Optional[torch.Tensor]) -> torch.Tensor:
         B = self._trained_B()
         if result is None:
-            w = self.base_weight(base_layer)
-            if not self._dropout_active() and not w.requires_grad and fused_ok(x, w, self.lora_A, self.lora_B):
-                return _LoraFaLinear.apply(x, w, base_layer.bias, self.lora_A, B, self.scale)
+            if not self._dropout_active() and not base_layer.weight.requires_grad and base_fusable(base_layer, x) \
+                    and fused_ok(x, self.lora_A, self.lora_B):
+                return _LoraFaLinear.apply(x, self.base_weight(base_layer), base_layer.bias, self.lora_A, B,
+                                           self.scale, self.weight_rebuild(base_layer))
             result = base_layer(x)
         h = self.dropout(x.to(self.lora_A.dtype))
         return result + (F.linear(F.linear(h, self.lora_A), B) * self.scale).to(result.dtype)

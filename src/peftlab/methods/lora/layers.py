@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ...core.functional import fused_ok, lora_linear, peft_order
 from ...core.layer import Adapter
 from ...core.lowrank import LowRankOperands
+from ...core.quantized import base_fusable, dense_weight, weight_rebuild
 from ...core.targets import linear_features, pattern_value
 from .config import LoraConfig
 
@@ -67,9 +68,16 @@ class LoraLinear(Adapter):
                 nn.init.zeros_(self.lora_B)
 
     def base_weight(self, base_layer: nn.Module) -> torch.Tensor:
-        """The base weight as (d_out, d_in), whatever its storage layout."""
-        w = base_layer.weight
+        """The base weight as (d_out, d_in), whatever its storage layout; for a quantised base a transient
+        dequantised copy (core/quantized.py), which the caller should use once and drop."""
+        w = dense_weight(base_layer)
         return w.t() if self.fan_in_fan_out else w
+
+    @staticmethod
+    def weight_rebuild(base_layer: nn.Module):
+        """What the fused kernels call in backward instead of keeping base_weight() (a quantised base, never
+        fan_in_fan_out: bitsandbytes layers are nn.Linear), or None."""
+        return weight_rebuild(base_layer)
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale  # (d_out, r) @ (r, d_in)
@@ -102,20 +110,22 @@ class LoraLinear(Adapter):
     def _dropout_active(self) -> bool:
         return self.training and isinstance(self.dropout, nn.Dropout)
 
-    def _takes_fused_kernel(self, x: torch.Tensor, w: torch.Tensor) -> bool:
+    def _takes_fused_kernel(self, x: torch.Tensor, base_layer: nn.Module) -> bool:
         """Whether this layer runs core.functional's fused kernels (alone or in a sibling group) for x."""
-        return (self.training or not peft_order()) and not self._dropout_active() and fused_ok(x, w, self.lora_A)
+        return (self.training or not peft_order()) and not self._dropout_active() and \
+            base_fusable(base_layer, x) and fused_ok(x, self.lora_A)
 
     # -- the low-rank operand protocol (core/lowrank.py) ---------------------------------------------------------
     def lowrank_operands(self, base_layer: nn.Module) -> Optional[LowRankOperands]:
         # With lora_bias the output bias is b + s·b_B, not the base's b that mixed batches add once for every row.
         if self._dropout_active() or self.lora_B_bias is not None:
             return None
-        return LowRankOperands(self.base_weight(base_layer), base_layer.bias, self.lora_A, self.lora_B, self.scale)
+        return LowRankOperands(self.base_weight(base_layer), base_layer.bias, self.lora_A, self.lora_B, self.scale,
+                               rebuild_weight=self.weight_rebuild(base_layer))
 
     def joins_sibling_group(self, x: torch.Tensor, base_layer: nn.Module) -> bool:
-        w = self.base_weight(base_layer)
-        if w.requires_grad or self.lora_B_bias is not None or not self._takes_fused_kernel(x, w):
+        if base_layer.weight.requires_grad or self.lora_B_bias is not None or \
+                not self._takes_fused_kernel(x, base_layer):
             return False
         # with nothing to differentiate the inference kernel is faster than the group's autograd node
         return x.requires_grad or any(p.requires_grad for p in self.parameters()) or \
@@ -123,11 +133,11 @@ class LoraLinear(Adapter):
 
     def forward(self, x: torch.Tensor, base_layer: nn.Module, result: Optional[torch.Tensor]) -> torch.Tensor:
         if result is None:
-            w = self.base_weight(base_layer)
             # The fused kernels by default (training and inference); `peftlab.hf_peft_numerics()` outside
             # training sums in HF PEFT's order instead, for outputs bit-identical to a PEFT-loaded adapter.
-            if self._takes_fused_kernel(x, w):
-                return lora_linear(x, w, self._output_bias(base_layer), self.lora_A, self.lora_B, self.scale)
+            if self._takes_fused_kernel(x, base_layer):
+                return lora_linear(x, self.base_weight(base_layer), self._output_bias(base_layer), self.lora_A,
+                                   self.lora_B, self.scale, self.weight_rebuild(base_layer))
             result = base_layer(x)
         # The unfused path, with HF PEFT's numerics: x cast to the adapter dtype, the sum back to the output's.
         h = self.dropout(x.to(self.lora_A.dtype))

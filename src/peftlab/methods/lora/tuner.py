@@ -43,6 +43,10 @@ class LoraTuner(LayerTuner):
                     "its model's layers are replicated (layer_replication), so its base weights are shared with "
                     "other layers; merging would change them too. Keep it unmerged")
 
+    def init_writes_base(self, config: LoraConfig) -> bool:
+        init = config.init_lora_weights
+        return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "corda"))
+
     def create_adapter(self, base_layer, config: LoraConfig, module_name: str, adapter_name: str) -> Adapter:
         r, scale = rank_and_scale(config, module_name)
         init = config.init_lora_weights
@@ -60,7 +64,10 @@ class LoraTuner(LayerTuner):
                              f"nn.Linear, transformers' Conv1D and nn.Embedding")
         if type(base_layer).__name__ == "Conv1D" and not config.fan_in_fan_out:
             config.fan_in_fan_out = True  # Conv1D stores W as (d_in, d_out); HF PEFT records the same fix-up
-        d_out, d_in = weight.shape[::-1] if config.fan_in_fan_out else weight.shape
+        if isinstance(base_layer, nn.Linear):  # its declared sizes: a quantised (bitsandbytes) weight is packed
+            d_out, d_in = base_layer.out_features, base_layer.in_features
+        else:
+            d_out, d_in = weight.shape[::-1] if config.fan_in_fan_out else weight.shape
         layer_cls = DoraLinear if config.use_dora else LoraLinear
         extra = dict(lora_bias=True) if config.lora_bias else {}
         adapter = layer_cls(d_in=d_in, d_out=d_out, r=r, scale=scale, dropout=config.lora_dropout,
