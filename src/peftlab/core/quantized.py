@@ -113,10 +113,13 @@ def weight_rebuild(layer: nn.Module) -> Optional[Callable[[], torch.Tensor]]:
 
 
 def kernels_may_dequantize(layer: nn.Module, x: torch.Tensor) -> bool:
-    """Whether peftlab's fused kernels may compute W x from the dequantised W. On CPU bitsandbytes itself
-    dequantises and multiplies, so the function is the same; on an accelerator its own 4-bit / int8 kernels run
-    (int8 with outlier decomposition computes something else), so the base is left to bitsandbytes there."""
-    return x.device.type == "cpu"
+    """Whether peftlab's fused kernels may compute W x from the dequantised W: where bitsandbytes itself does the
+    same, so the function is unchanged. On CPU that is every 4-bit forward, and an int8 layer's training forward
+    (its inference forward quantises the activations too: LLM.int8's matmul); on an accelerator bitsandbytes' own
+    4-bit / int8 kernels run, so the base is left to bitsandbytes there."""
+    if x.device.type != "cpu":
+        return False
+    return quant_kind(layer) != "int8" or layer.training
 
 
 def base_fusable(layer: nn.Module, x: torch.Tensor) -> bool:
