@@ -7,6 +7,7 @@ real HF PEFT on the same quantised base.
 """
 from __future__ import annotations
 
+import json
 import warnings
 
 import bitsandbytes as bnb
@@ -274,3 +275,35 @@ def test_training_steps_reduce_the_loss_on_a_quantised_base(tiny_dir):
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5
     assert all(quant_kind(m) == "nf4" for _, m in quantized_layers(model))  # the base was never touched
+
+
+def test_cli_trains_evaluates_and_merges_a_qlora_run(capsys, tmp_path):
+    from test_cli import WORDS, run, save_tiny_model_dir
+    model_dir = save_tiny_model_dir(tmp_path / "tiny")
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(f'{{"prompt": "Q: {w}?\\nA:", "completion": " {w[::-1]}"}}\n' for w in WORDS))
+    out = tmp_path / "run"
+    code, res, cap = run(capsys, "train", "--model", model_dir, "--data", data, "--output", out, "--steps", 20,
+                         "--batch-size", 4, "--lr", 2e-2, "--r", 4, "--target-modules", "all-linear",
+                         "--quantize", "nf4", "--max-new-tokens", 4, "--no-progress", "--no-forgetting",
+                         "--no-eval-before", "--json")
+    assert code == 0, cap.err
+    assert "base quantised by bitsandbytes: nf4 with double quantisation" in cap.err + cap.out
+    assert res["quantize"] == "nf4" and res["train_loss_last"] < res["train_loss_first"]
+    assert json.loads((out / "run.json").read_text())["quantize"] == "nf4"
+
+    code, ev, cap = run(capsys, "eval", "--model", model_dir, "--adapter", out, "--data", data,
+                        "--max-new-tokens", 4, "--json")
+    assert code == 0, cap.err
+    assert ev["quantize"] == "nf4"  # read from the run: evaluated on the base it was trained on
+
+    merged = tmp_path / "merged"
+    code, mres, cap = run(capsys, "merge", "--model", model_dir, "--adapter", out, "--output", merged, "--json")
+    assert code == 0, cap.err
+    assert mres["quantize"] == "nf4" and not mres["requantize"] and "saved dense" in cap.err + cap.out
+    plain = AutoModelForCausalLM.from_pretrained(str(merged))
+    assert not quantized_layers(plain) and getattr(plain.config, "quantization_config", None) is None
+    yaml_config = tmp_path / "bad.yaml"  # YAML keys skip argparse's choices: the job layer checks them itself
+    yaml_config.write_text(f"model: {model_dir}\ndata: {data}\nquantize: nf4\ncompute_dtype: float64\nsteps: 1\n")
+    code, _, cap = run(capsys, "train", "--config", yaml_config, "--output", tmp_path / "bad")
+    assert code == 2 and "--compute-dtype float64: expected one of float32, bfloat16, float16" in cap.err

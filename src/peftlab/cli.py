@@ -41,6 +41,11 @@ MODEL = [
     _opt("--model", help="embedded model name (smollm2-135m, minilm-l6) or a local Hugging Face model directory"),
     _opt("--device", help="auto (CUDA if available), cpu, cuda, cuda:N"),
     _opt("--seed", type=int),
+    _opt("--quantize", choices=["nf4", "fp4", "int8"],
+         help="load the base quantised by bitsandbytes (QLoRA; eval/merge of a train run default to the run's)"),
+    _opt("--double-quant", action=argparse.BooleanOptionalAction,
+         help="4-bit: quantise the block scales as well (default on)"),
+    _opt("--compute-dtype", choices=["float32", "bfloat16", "float16"], help="4-bit layers' matmul dtype"),
 ]
 DATA = [
     _opt("--task", help="built-in task: wordnet-antonyms, wordnet-supersense, wordnet-definitions"),
@@ -98,6 +103,8 @@ EVAL = [
 MERGE = [
     _opt("--adapter", help="adapter directory, or a train run's --output (its adapter/)"),
     _opt("--output", help="directory for the merged Transformers model"),
+    _opt("--requantize", action="store_true",
+         help="quantised base: quantise the merged weights again (default: save them dense)"),
 ]
 TABLES = {"train": MODEL + DATA + TRAIN, "eval": MODEL + DATA + EVAL, "merge": MODEL + MERGE, "methods": [],
           "models": []}

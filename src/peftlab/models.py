@@ -247,7 +247,7 @@ def quantization_config(quantize: str, double_quant: bool = True, compute_dtype:
 
 def load_model(name_or_path: str, task: str | None = None, num_labels: int | None = None,
                dtype: torch.dtype = torch.float32, quantize: str | None = None, double_quant: bool = True,
-               compute_dtype: torch.dtype | None = None):
+               compute_dtype: torch.dtype | None = None, device: torch.device | str | None = None):
     """Load (model, tokenizer) from an embedded name or a local HF directory, offline.
 
     task: "causal-lm" (AutoModelForCausalLM; tokenizer gets a pad token, eos if none, and left padding),
@@ -257,7 +257,8 @@ def load_model(name_or_path: str, task: str | None = None, num_labels: int | Non
 
     quantize: "nf4" | "fp4" | "int8" loads the linear layers quantised by bitsandbytes (QLoRA's base), as
     transformers' BitsAndBytesConfig does (see quantization_config); the output head and a classifier stay
-    dense. compute_dtype: the 4-bit layers' matmul dtype (default: dtype).
+    dense. compute_dtype: the 4-bit layers' matmul dtype (default: dtype). device: where bitsandbytes places a
+    quantised model while loading it (default CPU; transformers refuses to move one afterwards).
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -271,6 +272,7 @@ def load_model(name_or_path: str, task: str | None = None, num_labels: int | Non
         # heads stay dense: transformers keeps the LM head so by itself, a fresh classifier it would quantise
         quant["quantization_config"] = quantization_config(quantize, double_quant, compute_dtype or dtype,
                                                            skip_modules=["lm_head", *SEQ_CLS_HEAD_NAMES])
+        quant["device_map"] = {"": str(device or "cpu")}
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token is None:
         if tok.eos_token is None:

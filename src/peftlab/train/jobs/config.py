@@ -53,6 +53,10 @@ class ModelOptions:
     model: Optional[str] = None        # an embedded model name (smollm2-135m, minilm-l6) or a local HF directory
     device: str = "auto"               # auto (CUDA if available) | cpu | cuda | cuda:N
     seed: int = 0
+    quantize: Optional[str] = None     # nf4 | fp4 | int8: the base's linear layers quantised by bitsandbytes (QLoRA);
+                                       # eval/merge of a train run's --output default to the run's
+    double_quant: bool = True          # 4-bit: quantise the block scales too (~0.37 bits/weight saved)
+    compute_dtype: Optional[str] = None  # 4-bit layers' matmul dtype: float32 | bfloat16 | float16 (default float32)
 
     @classmethod
     def fields(cls) -> dict[str, Any]:
@@ -132,3 +136,4 @@ class MergeConfig(ModelOptions):
     """A merge: what `peftlab merge` takes (run it with run_merge). seed is unused; the model options are shared."""
     adapter: Optional[str] = None      # adapter directory, or a train run's --output (its adapter/)
     output: Optional[str] = None       # directory for the merged Transformers model
+    requantize: bool = False           # a quantised base: quantise the merged weights again (default: save dense)

@@ -11,7 +11,8 @@ from typing import Callable, Optional
 
 from .. import metrics as M
 from .config import DataOptions, EvalConfig, JobError
-from .inputs import JobData, adapter_directory, encode, load_base, load_data, pick_eval_records, sample
+from .inputs import (JobData, adapter_directory, encode, load_base, load_data, pick_eval_records, sample,
+                     with_run_quantization)
 
 Say = Callable[..., None]
 
@@ -117,7 +118,7 @@ def run_eval(config: EvalConfig, say: Say = quiet) -> dict:
     if not config.model:
         raise JobError("eval needs --model")
     from ...core.model import PeftModel
-    config = dataclasses.replace(config, adapter=adapter_directory(config.adapter))
+    config = with_run_quantization(dataclasses.replace(config, adapter=adapter_directory(config.adapter)))
     data = load_data(config, config.split)
     task_type, labels = adapter_kind(config.adapter)
     if data.kind == "classification":
@@ -125,13 +126,14 @@ def run_eval(config: EvalConfig, say: Say = quiet) -> dict:
     records = data.eval if (data.task or data.eval) else data.train  # --data FILE: the file is the evaluation set
     records, which = pick_eval_records(records, config, data.name, data.task is not None)
     say(which + (f", with the adapter {config.adapter}" if config.adapter else ""))
-    model, tok = load_base(config.model, config.device, data.kind, data.labels)
+    model, tok = load_base(config.model, config.device, data.kind, data.labels, config)
     if config.adapter:
         model = PeftModel.from_pretrained(model, config.adapter)
     model.eval()
     t = time.time()
     metrics = Evaluator.build(data, tok, config, records, config.few_shot or 0)(model)
-    res = {"command": "eval", "model": config.model, "adapter": config.adapter, "task": data.name,
+    res = {"command": "eval", "model": config.model, "adapter": config.adapter, "quantize": config.quantize,
+           "task": data.name,
            "kind": data.kind, "split": config.split if data.task else None, "few_shot": config.few_shot or 0,
            **metrics}
     if config.forgetting:

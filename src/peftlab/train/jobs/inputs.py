@@ -1,6 +1,8 @@
 """What a job reads: its data (a built-in task or JSONL files), the base model and tokenizer, encoded examples."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,16 +78,47 @@ def device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_base(model: str, device_name: str, kind: str, labels: Optional[list] = None):
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_base(model: str, device_name: str, kind: str, labels: Optional[list] = None, options=None):
     """(model, tokenizer): a sequence-classification model with a head of len(labels) for classification, a
-    causal LM otherwise."""
-    from ...models import load_model
+    causal LM otherwise; quantised by bitsandbytes when options (ModelOptions) say `quantize`."""
+    from ...models import QUANTIZE, load_model
     task = "seq-cls" if kind == "classification" else "causal-lm"
-    base, tok = load_model(model, task=task, num_labels=len(labels) if labels else None)
+    quant = {}
+    if options is not None and options.quantize:
+        if options.quantize not in QUANTIZE:
+            raise JobError(f"--quantize {options.quantize}: expected one of {', '.join(QUANTIZE)}")
+        if options.compute_dtype is not None and options.compute_dtype not in COMPUTE_DTYPES:
+            raise JobError(f"--compute-dtype {options.compute_dtype}: expected one of {', '.join(COMPUTE_DTYPES)}")
+        quant = dict(quantize=options.quantize, double_quant=bool(options.double_quant),
+                     compute_dtype=COMPUTE_DTYPES.get(options.compute_dtype), device=device(device_name))
+    base, tok = load_model(model, task=task, num_labels=len(labels) if labels else None, **quant)
     if labels:
         base.config.id2label = dict(enumerate(labels))
         base.config.label2id = {n: i for i, n in enumerate(labels)}
-    return base.to(device(device_name)), tok
+    # bitsandbytes places a quantised model while loading it; transformers refuses to move one afterwards
+    return (base if quant else base.to(device(device_name))), tok
+
+
+QUANT_OPTIONS = ("quantize", "double_quant", "compute_dtype")
+
+
+def with_run_quantization(config):
+    """eval/merge options: the quantisation given, else the one of the train run that wrote config.adapter (its
+    run.json records it), so a QLoRA run is evaluated and merged on the base it was trained on."""
+    if config.quantize or not config.adapter:
+        return config
+    for run_json in (Path(config.adapter) / "run.json", Path(config.adapter).parent / "run.json"):
+        if run_json.is_file():
+            try:
+                recorded = json.loads(run_json.read_text())
+            except (OSError, ValueError):
+                return config
+            if recorded.get("quantize"):
+                return dataclasses.replace(config, **{k: recorded[k] for k in QUANT_OPTIONS if k in recorded})
+    return config
 
 
 def encode(kind: str, records: Sequence[dict], tok, config: DataOptions, labels: Optional[list] = None):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .config import JobError, MergeConfig
 from .evaluate import Say, adapter_kind, quiet
-from .inputs import adapter_directory, load_base
+from .inputs import adapter_directory, load_base, with_run_quantization
 
 
 def run_merge(config: MergeConfig, say: Say = quiet) -> dict:
@@ -15,15 +15,15 @@ def run_merge(config: MergeConfig, say: Say = quiet) -> dict:
             raise JobError(f"merge needs --{flag}")
     from ...core.model import PeftModel
     from ..data import save_labels
-    config = dataclasses.replace(config, adapter=adapter_directory(config.adapter))
+    config = with_run_quantization(dataclasses.replace(config, adapter=adapter_directory(config.adapter)))
     task_type, labels = adapter_kind(config.adapter)
     kind = "classification" if task_type == "SEQ_CLS" else "generation"
     if kind == "classification" and not labels:
         raise JobError(f"{config.adapter} is a classification adapter without labels.json; cannot size the head")
-    model, tok = load_base(config.model, config.device, kind, labels)
+    model, tok = load_base(config.model, config.device, kind, labels, config)
     pm = PeftModel.from_pretrained(model, config.adapter)
     try:
-        merged = pm.merge_and_unload()
+        merged = pm.merge_and_unload(requantize=bool(config.requantize))
     except TypeError as e:  # a prompt method: its virtual tokens are inputs, not weights
         raise JobError(str(e)) from None
     dest = Path(config.output)
@@ -31,5 +31,9 @@ def run_merge(config: MergeConfig, say: Say = quiet) -> dict:
     tok.save_pretrained(str(dest))
     if labels:
         save_labels(dest, labels)
-    say(f"merged {config.adapter} into {config.model}: {dest} (load it with transformers' from_pretrained)")
-    return {"command": "merge", "model": config.model, "adapter": config.adapter, "output": str(dest)}
+    form = ""
+    if config.quantize:
+        form = f" ({config.quantize} base: {'requantised' if config.requantize else 'saved dense, dequantised'})"
+    say(f"merged {config.adapter} into {config.model}{form}: {dest} (load it with transformers' from_pretrained)")
+    return {"command": "merge", "model": config.model, "adapter": config.adapter, "output": str(dest),
+            "quantize": config.quantize, "requantize": bool(config.requantize)}

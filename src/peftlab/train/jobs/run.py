@@ -23,7 +23,7 @@ from .. import loop as L
 from ..metrics import forgetting_change
 from .config import JobConfig, JobError
 from .evaluate import Evaluator, Say, fmt_metrics, forgetting_probe, quiet
-from .inputs import JobData, device, encode, load_base, load_data, output_dir, pick_eval_records
+from .inputs import QUANT_OPTIONS, JobData, device, encode, load_base, load_data, output_dir, pick_eval_records
 from .methods import calibrate, method_config
 
 BEFORE_FILE = "before.json"   # the untrained model's scores, kept so a resumed run reports the same "before"
@@ -112,7 +112,12 @@ def prepare_job(config: JobConfig, say: Say = quiet) -> PreparedJob:
     if not config.resume and latest_checkpoint(output) is not None:
         raise JobError(f"{output} already has checkpoints from an earlier run; add --resume to continue it, or "
                        f"choose another --output")
-    base, tok = load_base(config.model, config.device, data.kind, data.labels)
+    base, tok = load_base(config.model, config.device, data.kind, data.labels, config)
+    if config.quantize:  # HF PEFT's preparation: base frozen, half-precision leftovers in fp32
+        from ...helpers import prepare_model_for_kbit_training
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        say(f"base quantised by bitsandbytes: {config.quantize}"
+            f"{' with double quantisation' if config.double_quant and config.quantize != 'int8' else ''}")
     train_ex, collate = encode(data.kind, data.train, tok, config, data.labels)
     eval_records, which = pick_eval_records(data.eval, config, config.eval_data or data.name,
                                              data.task is not None)
@@ -155,6 +160,7 @@ def _train(job: PreparedJob, evaluate: Optional[Evaluator] = None) -> dict:
 def _summary(job: PreparedJob, result: dict, before: dict, after: dict) -> dict:
     tc = job.train_config
     return {"command": "train", "model": job.config.model, "method": job.info.name, "task": job.data.name,
+            **{k: getattr(job.config, k) for k in QUANT_OPTIONS},
             "kind": job.data.kind, "steps": result["steps"], "batch_size": tc.batch_size, "lr": tc.lr,
             "trainable_params": job.trainable_params, "total_params": job.total_params,
             "train_loss_first": result["loss_first"], "train_loss_last": result["loss_last"],
