@@ -227,8 +227,8 @@ def test_layer_replication_shares_base_weights_and_refuses_merge():
 
 
 # -- fields not implemented stay refused, and variants refuse what they do not implement ---------------------------
-@pytest.mark.parametrize("kw,match", [(dict(init_lora_weights="loftq"), "init_lora_weights"),
-                                      (dict(loftq_config={"loftq_bits": 4}), "loftq_config"),
+@pytest.mark.parametrize("kw,match", [(dict(init_lora_weights="loftq"), "needs a loftq_config"),
+                                      (dict(init_lora_weights="loftq", loftq_config={"loftq_bits": 2}), "4 .NF4. or 8"),
                                       (dict(use_qalora=True), "use_qalora")])
 def test_unimplemented_fields_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -307,3 +307,55 @@ def test_cli_trains_evaluates_and_merges_a_qlora_run(capsys, tmp_path):
     yaml_config.write_text(f"model: {model_dir}\ndata: {data}\nquantize: nf4\ncompute_dtype: float64\nsteps: 1\n")
     code, _, cap = run(capsys, "train", "--config", yaml_config, "--output", tmp_path / "bad")
     assert code == 2 and "--compute-dtype float64: expected one of float32, bfloat16, float16" in cap.err
+
+
+# -- LoftQ: init_lora_weights="loftq" on a full-precision base, checked against its equations ----------------------
+def _loftq_reference(w: torch.Tensor, r: int, bits: int, iters: int):
+    """Li et al. 2023, Algorithm 1, written out: Q_t = deq(quant(W − B A)), (B, A) = rank-r SVD of W − Q_t."""
+    residual = w
+    for _ in range(iters):
+        if bits == 4:
+            packed, state = bnb.functional.quantize_4bit(residual, blocksize=64, compress_statistics=False,
+                                                         quant_type="nf4")
+            q = bnb.functional.dequantize_4bit(packed, state)
+        else:
+            codes, scales, _ = bnb.functional.int8_vectorwise_quant(residual.half())
+            q = bnb.functional.int8_vectorwise_dequant(codes, scales).float()
+        u, s, vh = torch.linalg.svd(w - q, full_matrices=False)
+        b, a = u[:, :r] @ torch.diag(s[:r].sqrt()), torch.diag(s[:r].sqrt()) @ vh[:r]
+        residual = w - b @ a
+    return q, a, b
+
+
+@pytest.mark.parametrize("bits,iters", [(4, 1), (4, 3), (8, 2)])
+def test_loftq_init_follows_its_equations(bits, iters):
+    original = tiny_llama()
+    cfg = peftlab.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "up_proj"], init_lora_weights="loftq",
+                             loftq_config=peftlab.LoftQConfig(loftq_bits=bits, loftq_iter=iters))
+    model = peftlab.get_peft_model(tiny_llama(), cfg)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"):
+        w = original.get_submodule(name).weight.detach()
+        q, a, b = _loftq_reference(w, 4, bits, iters)
+        layer = model.base_model.model.get_submodule(name)
+        torch.testing.assert_close(layer.base_layer.weight, q, rtol=0, atol=0)  # the base holds Q, on the grid
+        torch.testing.assert_close(layer.adapters["default"].lora_A, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.adapters["default"].lora_B, b, rtol=1e-5, atol=1e-6)
+        plain = w - _bnb_round_trip(w, "nf4" if bits == 4 else "int8", False)
+        # the point of LoftQ: Q + BA is closer to W than plain quantisation is
+        assert (w - q - b @ a).norm() < plain.norm()
+
+
+def test_loftq_adapter_reloads_onto_the_original_base_and_refuses_a_quantised_one(tiny_dir, tmp_path):
+    batch = token_batch()
+    cfg = peftlab.LoraConfig(r=4, lora_alpha=4, target_modules="all-linear", init_lora_weights="loftq",
+                             loftq_config={"loftq_bits": 4})
+    model = peftlab.get_peft_model(tiny_llama(), cfg)
+    perturb_trainable(model, 5, 0.05)
+    model.save_pretrained(tmp_path / "loftq")
+    saved = json.loads((tmp_path / "loftq" / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] == "loftq" and saved["loftq_config"] == {"loftq_bits": 4, "loftq_iter": 1}
+    back = peftlab.PeftModel.from_pretrained(tiny_llama(), tmp_path / "loftq")  # LoftQ re-run from W: same Q
+    with torch.no_grad():
+        torch.testing.assert_close(back(**batch).logits, model.eval()(**batch).logits, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="LoftQ starts from the full-precision weights"):
+        peftlab.get_peft_model(load(tiny_dir, "nf4"), cfg)

@@ -3,7 +3,7 @@ from .core.config import PeftConfig
 from .core.functional import hf_peft_numerics
 from .core.model import PeftModel, get_peft_model
 from .core.registry import get_method, list_methods
-from .methods.lora import EvaConfig, LoraConfig, get_eva_state_dict, initialize_lora_eva_weights
+from .methods.lora import EvaConfig, LoftQConfig, LoraConfig, get_eva_state_dict, initialize_lora_eva_weights
 from .auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction,
                    AutoPeftModelForQuestionAnswering, AutoPeftModelForSeq2SeqLM,
                    AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification)
@@ -14,7 +14,7 @@ from .helpers import (TunerLayerStatus, TunerModelStatus, get_layer_status, get_
 __version__ = "0.1.0"
 
 __all__ = ["PeftConfig", "PeftModel", "hf_peft_numerics", "get_peft_model", "get_method", "list_methods", "LoraConfig",
-           "EvaConfig", "get_eva_state_dict", "initialize_lora_eva_weights",
+           "EvaConfig", "LoftQConfig", "get_eva_state_dict", "initialize_lora_eva_weights",
            "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
            "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
            "AutoPeftModelForTokenClassification", "TunerLayerStatus", "TunerModelStatus", "get_layer_status",

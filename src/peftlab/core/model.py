@@ -18,7 +18,7 @@ from .adapter_files import check_adapter_name, tuner_types
 from .config import PeftConfig
 from .layer import ModulesToSave
 from .mixed import row_groups
-from .quantized import clear_quantization_markers, keep_canonical_layout
+from .quantized import clear_quantization_markers, keep_canonical_layout, parameter_count
 from .registry import get_tuner
 from .siblings import SiblingFusion
 from .signature import with_base_signature
@@ -347,7 +347,7 @@ class PeftModel(nn.Module):
     # -- parameters -------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        total = sum(parameter_count(p) for p in self.parameters())
         return trainable, total
 
     def print_trainable_parameters(self) -> None:

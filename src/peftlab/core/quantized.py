@@ -61,6 +61,29 @@ def _int8_scales(layer: nn.Module) -> torch.Tensor:
     return layer.state.SCB if layer.state.SCB is not None else layer.weight.SCB
 
 
+def parameter_count(p: torch.Tensor) -> int:
+    """Weights a parameter holds: a packed 4-bit tensor stores two (or, in a wider storage dtype, more) per
+    element (HF PEFT counts them the same way)."""
+    bnb = _bnb()
+    if bnb is not None and isinstance(p, bnb.nn.Params4bit):
+        return p.numel() * 2 * p.element_size()
+    return p.numel()
+
+
+def quantized_bytes(layer: nn.Module) -> int:
+    """Bytes a quantised layer's weight takes: the packed codes and every scale (block absmax, double
+    quantisation's second-level scales and code table; int8's row scales)."""
+    if quant_kind(layer) == "int8":
+        return layer.weight.numel() * layer.weight.element_size() + _int8_scales(layer).numel() * 4
+    state = layer.weight.quant_state
+    total = layer.weight.numel() * layer.weight.element_size()
+    total += state.absmax.numel() * state.absmax.element_size() + state.code.numel() * state.code.element_size()
+    if state.nested:
+        s2 = state.state2
+        total += s2.absmax.numel() * s2.absmax.element_size() + s2.code.numel() * s2.code.element_size()
+    return total
+
+
 def weight_dtype(layer: nn.Module) -> torch.dtype:
     """The dtype bitsandbytes multiplies in: a 4-bit layer's compute dtype (its storage dtype if unset); int8
     layers dequantise to float32 here."""
@@ -69,6 +92,18 @@ def weight_dtype(layer: nn.Module) -> torch.dtype:
     if layer.compute_dtype is not None:
         return layer.compute_dtype
     return layer.weight.quant_state.dtype
+
+
+def quantize_round_trip(w: torch.Tensor, kind: str, blocksize: int = 64, double_quant: bool = False) -> torch.Tensor:
+    """deq(quant(w)) by bitsandbytes: what a layer quantised from w holds (4-bit kinds with this block size and
+    double quantisation, or int8's row-wise absmax of w in fp16), as float32."""
+    bnb = require_bitsandbytes()
+    if kind == "int8":
+        codes, scales, _ = bnb.functional.int8_vectorwise_quant(w.contiguous().half())
+        return bnb.functional.int8_vectorwise_dequant(codes, scales).float()
+    packed, state = bnb.functional.quantize_4bit(w.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
+                                                 quant_type=kind)
+    return bnb.functional.dequantize_4bit(packed, state).float()
 
 
 def keep_canonical_layout(model: nn.Module) -> None:

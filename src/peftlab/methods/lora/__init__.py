@@ -16,7 +16,7 @@ fa.py       LoRA-FA (A frozen), dropout.py LoRA-dropout: own peft_types, LoRA's 
 The fused kernels these layers run are in core/functional.py: sibling fusion and mixed batches (core) call them
 through the low-rank operand protocol, not through this package.
 """
-from .config import EvaConfig, LoraConfig
+from .config import EvaConfig, LoftQConfig, LoraConfig
 from .corda import CordaConfig, CordaLoraConfig, preprocess_corda
 from .dora import DoraLinear
 from .eva import get_eva_state_dict, initialize_lora_eva_weights
@@ -25,6 +25,6 @@ from .fa import LoraFaConfig, LoraFaLinear
 from .layers import LoraEmbedding, LoraLinear, linear_lora_kwargs, lora_scale
 from .tuner import LoraTuner
 
-__all__ = ["CordaConfig", "CordaLoraConfig", "DoraLinear", "EvaConfig", "LoraConfig", "LoraDropoutConfig",
+__all__ = ["CordaConfig", "CordaLoraConfig", "DoraLinear", "EvaConfig", "LoftQConfig", "LoraConfig", "LoraDropoutConfig",
            "LoraDropoutLinear", "LoraEmbedding", "LoraFaConfig", "LoraFaLinear", "LoraLinear", "LoraTuner",
            "get_eva_state_dict", "initialize_lora_eva_weights", "linear_lora_kwargs", "lora_scale", "preprocess_corda"]

@@ -39,6 +39,17 @@ class SubConfig(dict):
         return value if isinstance(value, cls) else cls(**(value or {}))
 
 
+class LoftQConfig(SubConfig):
+    """HF PEFT's LoftQConfig: loftq_bits (4: NF4, 8: int8) and loftq_iter (alternating steps, ≥ 1)."""
+    DEFAULTS = {"loftq_bits": 4, "loftq_iter": 1}
+
+    def validate(self) -> None:
+        if self["loftq_bits"] not in (4, 8):
+            raise ValueError(f"LoftQConfig: loftq_bits must be 4 (NF4) or 8 (int8), got {self['loftq_bits']}")
+        if int(self["loftq_iter"]) < 1:
+            raise ValueError(f"LoftQConfig: loftq_iter must be at least 1, got {self['loftq_iter']}")
+
+
 class EvaConfig(SubConfig):
     """HF PEFT's EvaConfig: rho (max rank rho·r per layer), tau (convergence threshold), use_label_mask and
     label_mask_value (positions left out of the SVD), whiten (A rows divided by √σ), adjust_scaling_factors."""
@@ -95,7 +106,7 @@ class LoraConfig(PeftConfig):
     # and init_lora_weights values). A subclass (AdaLoRA, LoRA-FA, LoRA-dropout) implements none of them unless it
     # declares them itself, so a field its tuner would ignore is refused rather than accepted and dropped.
     implemented_features: ClassVar[frozenset] = frozenset(
-        {"lora_bias", "olora", "eva", "trainable_token_indices", "target_parameters", "layer_replication"})
+        {"lora_bias", "olora", "eva", "loftq", "trainable_token_indices", "target_parameters", "layer_replication"})
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -110,6 +121,13 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         self._check_init()
         self._check_features()
+        if self.init_lora_weights == "loftq":  # PEFT's rules: a loftq_config is required, else it is dropped
+            if not self.loftq_config:
+                raise ValueError("init_lora_weights='loftq' needs a loftq_config, e.g. LoftQConfig(loftq_bits=4)")
+            self.loftq_config = LoftQConfig.of(dict(self.loftq_config))
+        elif self.loftq_config and "loftq" in self.implemented_features:
+            warnings.warn("loftq_config is ignored unless init_lora_weights='loftq' (as in HF PEFT)", stacklevel=3)
+            self.loftq_config = {}
         if self.init_lora_weights == "eva":  # PEFT fills in the defaults, so the saved file names every field
             self.eva_config = EvaConfig.of(self.eva_config)
         elif self.eva_config is not None and "eva" in self.implemented_features:

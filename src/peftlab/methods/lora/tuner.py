@@ -16,6 +16,7 @@ from .config import LORA_FLAG_FIELDS, LoraConfig
 from .corda import corda_init
 from .dora import DoraLinear
 from .layers import LoraEmbedding, LoraLinear, rank_and_scale
+from .loftq import init_loftq
 from .olora import init_olora
 from .params import add_parameter_adapters, targets_modules
 from .pissa import init_pissa
@@ -45,6 +46,7 @@ class LoraTuner(LayerTuner):
 
     def init_writes_base(self, config: LoraConfig) -> bool:
         init = config.init_lora_weights
+        # LoftQ writes the base too, but must see a quantised one to refuse it: it needs the full-precision weights
         return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "corda"))
 
     def create_adapter(self, base_layer, config: LoraConfig, module_name: str, adapter_name: str) -> Adapter:
@@ -76,6 +78,8 @@ class LoraTuner(LayerTuner):
             init_pissa(adapter, base_layer, init)
         elif init == "olora":
             init_olora(adapter, base_layer, module_name)
+        elif init == "loftq":
+            init_loftq(adapter, base_layer, config.loftq_config, module_name)
         elif init == "corda":
             corda_init(adapter, base_layer, config, module_name)  # needs preprocess_corda's decomposition first
         if config.use_dora:
