@@ -165,6 +165,8 @@ def test_adapter_files_interoperate_with_peft_on_the_same_quantised_base(tiny_di
     base = load(tiny_dir, kind)
     keep_canonical_layout(base)  # PEFT's base must not be repacked by bitsandbytes either (core/quantized.py)
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "ours").eval()
+    # packed 4-bit weights count as two weights a byte, as PEFT counts them
+    assert ours.get_nb_trainable_parameters()[1] == theirs.get_nb_trainable_parameters()[1]
     with torch.no_grad():
         expected = theirs(**batch).logits
         torch.testing.assert_close(ours.eval()(**batch).logits, expected, rtol=0, atol=1e-5)
@@ -359,3 +361,14 @@ def test_loftq_adapter_reloads_onto_the_original_base_and_refuses_a_quantised_on
         torch.testing.assert_close(back(**batch).logits, model.eval()(**batch).logits, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="LoftQ starts from the full-precision weights"):
         peftlab.get_peft_model(load(tiny_dir, "nf4"), cfg)
+
+
+def test_prepare_model_for_kbit_training_on_a_real_bitsandbytes_model_matches_peft(tiny_dir):
+    from test_peft_helpers import _kbit_state
+    models = [AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16,
+                                                   quantization_config=quantization_config("nf4")) for _ in range(2)]
+    ours, theirs = peftlab.prepare_model_for_kbit_training(models[0]), peft.prepare_model_for_kbit_training(models[1])
+    assert _kbit_state(ours) == _kbit_state(theirs)
+    params, checkpointing, input_grad = _kbit_state(ours)
+    assert checkpointing and input_grad
+    assert params["model.norm.weight"] == (torch.float32, False)  # bf16 leftovers upcast, everything frozen
