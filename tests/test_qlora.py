@@ -372,3 +372,24 @@ def test_prepare_model_for_kbit_training_on_a_real_bitsandbytes_model_matches_pe
     params, checkpointing, input_grad = _kbit_state(ours)
     assert checkpointing and input_grad
     assert params["model.norm.weight"] == (torch.float32, False)  # bf16 leftovers upcast, everything frozen
+
+
+def test_mixed_batches_and_disable_adapter_on_a_quantised_base(tiny_dir):
+    batch = token_batch()
+    model = peftlab.get_peft_model(load(tiny_dir, "nf4"), peftlab.LoraConfig(r=4, target_modules="all-linear"),
+                                   adapter_name="a")
+    model.add_adapter("b", peftlab.LoraConfig(r=2, target_modules="all-linear"))
+    perturb_trainable(model, 6, 0.05)
+    model.eval()
+    with torch.no_grad():
+        per_adapter = {}
+        for name in ("a", "b"):
+            model.set_adapter(name)
+            per_adapter[name] = model(**batch).logits
+        with model.disable_adapter():
+            per_adapter["__base__"] = model(**batch).logits
+        names = ["a", "__base__", "b"]
+        mixed = model(**batch, adapter_names=names).logits
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], per_adapter[name][row], rtol=1e-5, atol=1e-5)
+    assert (per_adapter["a"] - per_adapter["__base__"]).abs().max() > 1e-3
