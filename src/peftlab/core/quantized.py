@@ -9,8 +9,8 @@ dequantise it again there, as bitsandbytes' own autograd does.
 
 Code that writes the base weight (merging, PiSSA/CorDA/OLoRA's residual) runs inside `dense_base(layer)`: the
 layer's base is swapped for a dense nn.Linear for the block and quantised back afterwards with the original
-settings (the rounding this adds is the quantiser's: an NF4 block's step is up to ~0.2·absmax / 7; see
-`requantization_error`). bitsandbytes is an optional dependency (`peftlab[quant]`): nothing here imports it
+settings (the rounding this adds is the quantiser's: up to half a code gap, 0.152·(block absmax) for NF4, half a
+row step for int8). bitsandbytes is an optional dependency (`peftlab[quant]`): nothing here imports it
 unless a quantised model exists, and a model cannot hold bitsandbytes layers unless it has been imported.
 """
 from __future__ import annotations
@@ -23,9 +23,6 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn as nn
 
-KINDS = ("nf4", "fp4", "int8")
-
-
 def _bnb():
     return sys.modules.get("bitsandbytes")
 
@@ -35,7 +32,7 @@ def require_bitsandbytes():
     try:
         import bitsandbytes
     except ImportError as e:
-        raise ImportError("quantised bases need bitsandbytes: pip install 'peftlab[quant]' (or bitsandbytes>=0.45)"
+        raise ImportError("quantised bases need bitsandbytes: pip install 'peftlab[quant]' (bitsandbytes>=0.49)"
                           ) from e
     return bitsandbytes
 
@@ -229,14 +226,6 @@ def dense_base(adapted, requantize: bool = True) -> Iterator[None]:
         raise
     if requantize:
         adapted.base_layer = quantized_like(adapted.base_layer, original)
-
-
-def requantization_error(layer: nn.Module) -> float:
-    """max |W − Q(W)| when the layer's current (dequantised) weight is quantised again: 0 for a weight that is
-    already on the grid; for merged weights it is the rounding a requantising merge adds."""
-    w = dequantize(layer, torch.float32)
-    again = dequantize(quantized_like(dequantized_linear(layer, torch.float32), layer), torch.float32)
-    return float((w - again).abs().max())
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
