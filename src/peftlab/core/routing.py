@@ -1,0 +1,250 @@
+"""Token routing, shared by the mixture methods: top-k with renormalisation, the load-balancing loss, grouped
+expert computation, and the routing statistics a model reports (`PeftModel.get_routing_stats()`).
+
+  p = softmax(W_r x)                              router probabilities over S slots, (N, S)
+  top-k:  g_j = p_{e_j} / Σ_{j'} p_{e_j'}         j = 1..k, the renormalised weights of the k largest
+  balance loss (Switch, eqs. 4-6; MixLoRA/Mixtral's form for top-k):
+          L = S · Σ_i f_i P_i,   f_i = (1/N) #{(t, j): e_tj = i},   P_i = (1/N) Σ_t p_ti
+          (uniform routing gives L = k; padding tokens are left out when the attention mask is known);
+          the adapter's auxiliary loss is coef · the mean of L over its routers
+
+A `Router` belongs to one adapter on one layer; every router of an adapter shares one `RoutingContext`, through
+which the tuner hands the batch's attention mask and the current statistics group (a task name) to the routers
+and collects their auxiliary losses. Methods that route differently (MoA's sigmoid slots, TT-LoRA MoE's top-1
+per input) record their decisions through the same `RoutingStats`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layer import Adapter
+from .tuner import LayerTuner
+
+ALL = "all"  # the statistics group every routed token counts in
+
+
+def topk_route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probs (N, S), weights (N, k) renormalised to sum 1, slot indices (N, k)) of router logits (N, S)."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
+    top, idx = probs.topk(k, dim=-1)
+    return probs, top / top.sum(-1, keepdim=True), idx
+
+
+def balance_loss(probs: torch.Tensor, idx: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """S · Σ_i f_i P_i over the tokens where `mask` (N,) is True (all without one); see the module docstring."""
+    if mask is not None:
+        probs, idx = probs[mask], idx[mask]
+    n, slots = probs.shape
+    if n == 0:
+        return probs.sum() * 0.0
+    f = torch.bincount(idx.reshape(-1), minlength=slots).to(probs.dtype) / n     # (S,), sums to k
+    return slots * (f * probs.mean(0)).sum()
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Router entropy per token in nats, (N,)."""
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+
+
+def grouped_lowrank(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, lora_A: torch.Tensor,
+                    lora_B: torch.Tensor, scale: float, into: torch.Tensor) -> torch.Tensor:
+    """into + Σ_j g_j · s · B_{e_j} A_{e_j} x for every token, computing only the routed experts.
+
+    x (N, d_in), weights/idx (N, k), lora_A (E, r, d_in), lora_B (E, d_out, r), into (N, d_out). Slots ≥ E
+    (the zero expert) add nothing and cost nothing. The N·k assignments are sorted by expert once; each expert
+    then does one matmul pair on its contiguous segment, and one index_add writes every row back."""
+    n, k = idx.shape
+    experts = lora_A.shape[0]
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=experts)[:experts].tolist()
+    routed = sum(counts)
+    if routed == 0:
+        return into
+    order = order[:routed]                     # assignments to the zero expert sort last: drop them
+    rows = order // k                          # the token of each assignment
+    xs = x.index_select(0, rows)               # (routed, d_in), one gather
+    gs = weights.reshape(-1).index_select(0, order).to(xs.dtype).unsqueeze(1) * scale
+    outs, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            seg = slice(start, start + c)
+            u = (xs[seg] @ lora_A[e].t()) * gs[seg]          # (c, r): the weight is applied to the thin tensor
+            outs.append(u @ lora_B[e].t())                   # (c, d_out)
+            start += c
+    return into.index_add(0, rows, torch.cat(outs).to(into.dtype))
+
+
+class RoutingStats:
+    """Per statistics group: tokens routed, assignments per slot, summed router entropy (detached tensors)."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.groups: dict[str, list] = {}
+
+    def add(self, group: Optional[str], counts: torch.Tensor, entropy_sum: torch.Tensor, tokens: int) -> None:
+        for g in (ALL,) if group is None else (ALL, group):
+            if g not in self.groups:
+                self.groups[g] = [torch.zeros(self.slots, dtype=torch.float64), 0.0, 0]
+            acc = self.groups[g]
+            acc[0] += counts.detach().to("cpu", torch.float64)
+            acc[1] += float(entropy_sum)
+            acc[2] += tokens
+
+    def summary(self, group: str) -> Optional[dict]:
+        """{"tokens", "load" (each slot's share of the assignments), "entropy" (mean nats), "max_entropy"}."""
+        if group not in self.groups:
+            return None
+        counts, ent, tokens = self.groups[group]
+        total = float(counts.sum()) or 1.0
+        return {"tokens": tokens, "load": [round(float(c) / total, 6) for c in counts],
+                "entropy": ent / max(tokens, 1), "max_entropy": math.log(self.slots)}
+
+    def reset(self) -> None:
+        self.groups = {}
+
+
+class RoutingContext:
+    """Shared by the routers of one adapter: the batch's token mask, the statistics group, collected losses."""
+
+    def __init__(self):
+        self.token_mask: Optional[torch.Tensor] = None   # (B·T,) bool, from the forward's attention_mask
+        self.group: Optional[str] = None
+        self.losses: list[torch.Tensor] = []
+        self.stats: list[RoutingStats] = []               # every router's, so one call resets them all
+
+    def set_mask(self, attention_mask: Optional[torch.Tensor]) -> None:
+        self.token_mask = None if attention_mask is None else attention_mask.reshape(-1).bool()
+
+    def mask_for(self, n: int) -> Optional[torch.Tensor]:
+        """The token mask if it describes these n tokens (not during cached generation steps, not for a row
+        segment of a mixed batch), else None."""
+        m = self.token_mask
+        return m if m is not None and m.numel() == n else None
+
+    def reset_stats(self) -> None:
+        for s in self.stats:
+            s.reset()
+
+    def take_losses(self) -> Optional[torch.Tensor]:
+        losses, self.losses = self.losses, []
+        # the mean over routers (Switch adds one loss per MoE layer; the mean keeps the coefficient's meaning
+        # independent of how many layers are adapted)
+        return torch.stack(losses).mean() if losses else None
+
+
+class Router(nn.Module):
+    """A linear softmax router over `slots` slots with top-k; records statistics and its balance loss."""
+
+    def __init__(self, d_in: int, slots: int, context: RoutingContext, init_std: float = 0.02):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(slots, d_in) * init_std)   # MixLoRA's normal(0, 0.02) gate
+        self.context = context
+        self.stats = RoutingStats(slots)
+        context.stats.append(self.stats)
+
+    def forward(self, x: torch.Tensor, k: int, with_loss: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, slot indices), each (N, k), for x (N, d_in); the balance loss goes to the context."""
+        probs, weights, idx = topk_route(x.to(self.weight.dtype) @ self.weight.t(), k)
+        mask = self.context.mask_for(x.shape[0])
+        if with_loss:
+            self.context.losses.append(balance_loss(probs, idx, mask))
+        self.record(probs.detach(), idx, mask)
+        return weights, idx
+
+    def record(self, probs: torch.Tensor, idx: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        if mask is not None:
+            probs, idx = probs[mask], idx[mask]
+        counts = torch.bincount(idx.reshape(-1), minlength=self.stats.slots)
+        self.stats.add(self.context.group, counts, entropy(probs).sum(), probs.shape[0])
+
+
+def routers_of(module: nn.Module) -> Iterator[tuple[str, "Router"]]:
+    for name, m in module.named_modules():
+        if isinstance(m, Router):
+            yield name, m
+
+
+def collect_stats(layers: Iterator[tuple[str, nn.Module]]) -> dict:
+    """{group: {"layers": {router name: summary}, "mean_entropy", "mean_load"}} over (name, adapter) pairs."""
+    per_group: dict[str, dict] = {}
+    for layer_name, adapter in layers:
+        for sub, router in routers_of(adapter):
+            name = f"{layer_name}.{sub}" if sub else layer_name
+            for group in router.stats.groups:
+                per_group.setdefault(group, {})[name] = router.stats.summary(group)
+    out = {}
+    for group, layers_ in per_group.items():
+        ents = [s["entropy"] for s in layers_.values()]
+        widths = {len(s["load"]) for s in layers_.values()}
+        loads = torch.tensor([s["load"] for s in layers_.values()]).mean(0).tolist() if len(widths) == 1 else None
+        out[group] = {"mean_entropy": sum(ents) / len(ents),
+                      "mean_load": None if loads is None else [round(v, 6) for v in loads], "layers": layers_}
+    return out
+
+
+@contextlib.contextmanager
+def group_contexts(contexts: list[RoutingContext], group: Optional[str]) -> Iterator[None]:
+    """Inside: routing statistics are also recorded under `group` (e.g. a task name)."""
+    before = [c.group for c in contexts]
+    for c in contexts:
+        c.group = group
+    try:
+        yield
+    finally:
+        for c, g in zip(contexts, before):
+            c.group = g
+
+
+class RoutedAdapter(Adapter):
+    """An adapter whose routing belongs to the adapter's shared RoutingContext (`context`). Per-token routing has
+    no single weight to fold into W, so no routed adapter merges."""
+    merge_refused = ("it routes each token to its own experts, so its update is a different matrix for every token "
+                     "and there is no single ΔW to fold into W; keep it unmerged (merge_and_unload is refused too)")
+
+    def __init__(self, context: RoutingContext):
+        super().__init__()
+        self.context = context
+
+
+class RoutedLayerTuner(LayerTuner):
+    """A LayerTuner for mixtures: one RoutingContext per adapter, the balance losses as aux_loss, statistics.
+    Subclasses set `aux_coef_field` (the config field scaling the balance loss) and create RoutedAdapters."""
+    routes_tokens = True
+    aux_coef_field: Optional[str] = None
+
+    def routing_contexts(self, model: nn.Module, adapter_name: str) -> list[RoutingContext]:
+        for _, layer in self._layers_with(model, adapter_name):
+            adapter = layer.adapters[adapter_name]
+            if isinstance(adapter, RoutedAdapter):
+                return [adapter.context]   # one context per adapter: the first routed layer has it
+        return []
+
+    def routing_stats(self, model: nn.Module, adapter_name: str) -> dict:
+        return collect_stats((n, l.adapters[adapter_name]) for n, l in self._layers_with(model, adapter_name))
+
+    def prepare_inputs(self, model, adapter_name, config, kwargs, generate):
+        for ctx in self.routing_contexts(model, adapter_name):
+            ctx.set_mask(kwargs.get("attention_mask"))
+            ctx.losses = []   # a training forward without labels leaves its losses behind: never carry them on
+        return kwargs
+
+    def aux_loss(self, model, adapter_name, config):
+        total = None
+        for ctx in self.routing_contexts(model, adapter_name):
+            loss = ctx.take_losses()
+            if loss is not None:
+                total = loss if total is None else total + loss
+        coef = getattr(config, self.aux_coef_field) if self.aux_coef_field else 0.0
+        return None if total is None or not coef else coef * total
+
+
+def cross_entropy_top1(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The router cross-entropy of TT-LoRA MoE: logits (B, E) against the task label of each input (B,)."""
+    return F.cross_entropy(logits.float(), labels.to(logits.device))

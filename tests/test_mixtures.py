@@ -1,0 +1,172 @@
+"""Reference tests of the routing maths of the mixture methods, against the papers' equations written out here
+independently of peftlab's code (plain loops over tokens and experts, softmax by hand)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import peftlab
+from conftest import perturb_trainable, tiny_llama, token_batch
+from peftlab.core.routing import RoutingContext, balance_loss
+from peftlab.methods.moe_lora import MoeLoraConfig, MoeLoraLinear
+
+
+def _softmax(row):
+    e = [math.exp(v) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def _expert_layer(d_in=6, d_out=5, **kw):
+    cfg = MoeLoraConfig(**{"r": 2, "num_experts": 4, "top_k": 2, "lora_alpha": 4.0, **kw})
+    torch.manual_seed(0)
+    layer = MoeLoraLinear(d_in, d_out, cfg, RoutingContext()).double()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.router.weight.normal_()
+    return layer, cfg
+
+
+def _reference(layer, cfg, x, base_out):
+    """y_t = base_t + Σ_j g_j s B_{e_j} A_{e_j} x_t, g = top-k of softmax(W_r x_t) renormalised (MixLoRA eq.)."""
+    out = base_out.clone()
+    for t in range(x.shape[0]):
+        p = _softmax((layer.router.weight @ x[t]).tolist())
+        top = sorted(range(len(p)), key=lambda i: -p[i])[:cfg.top_k]
+        z = sum(p[i] for i in top)
+        for i in top:
+            if i < cfg.num_experts:  # slot num_experts is the zero expert: adds nothing
+                out[t] += (p[i] / z) * (cfg.lora_alpha / cfg.r) * layer.lora_B[i] @ (layer.lora_A[i] @ x[t])
+    return out
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(top_k=1), dict(top_k=3, zero_expert=True), dict(top_k=4)])
+def test_topk_renormalised_output_matches_the_equation(kw):
+    layer, cfg = _expert_layer(**kw)
+    x = torch.randn(9, 6, dtype=torch.double)
+    base = torch.nn.Linear(6, 5).double()
+    got = layer(x, base, base(x))
+    torch.testing.assert_close(got, _reference(layer, cfg, x, base(x)))
+
+
+def test_balance_loss_value():
+    # 4 tokens, 3 slots, top-2: f_i = (1/N)·#assignments to i, P_i = mean prob, L = S Σ f_i P_i
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.7, 0.2, 0.1]])
+    idx = probs.topk(2, dim=-1).indices
+    counts = [0, 0, 0]
+    for row in idx.tolist():
+        for i in row:
+            counts[i] += 1
+    p_mean = [sum(probs[t, i].item() for t in range(4)) / 4 for i in range(3)]
+    expected = 3 * sum(counts[i] / 4 * p_mean[i] for i in range(3))
+    assert balance_loss(probs, idx).item() == pytest.approx(expected, rel=1e-6)
+    # uniform routing gives exactly k; a mask leaves padding tokens out
+    uniform = torch.full((6, 3), 1 / 3)
+    assert balance_loss(uniform, torch.tensor([[0, 1], [1, 2], [2, 0]] * 2)).item() == pytest.approx(2.0)
+    mask = torch.tensor([True, True, False, True])
+    assert balance_loss(probs, idx, mask).item() == pytest.approx(balance_loss(probs[mask], idx[mask]).item())
+
+
+def test_zero_expert_keeps_the_base_output():
+    layer, cfg = _expert_layer(top_k=1, zero_expert=True)
+    x = torch.rand(7, 6, dtype=torch.double) + 0.1          # positive inputs: the zero slot's logit dominates
+    with torch.no_grad():
+        layer.router.weight[:cfg.num_experts] = -5.0
+        layer.router.weight[cfg.num_experts] = 5.0
+    base = torch.nn.Linear(6, 5).double()
+    torch.testing.assert_close(layer(x, base, base(x)), base(x), rtol=0, atol=0)
+    # top-2 with the zero slot: the expert keeps only its own renormalised weight (nothing is redistributed)
+    layer2, cfg2 = _expert_layer(top_k=2, zero_expert=True)
+    torch.testing.assert_close(layer2(x, base, base(x)), _reference(layer2, cfg2, x, base(x)))
+
+
+def test_gradients_reach_only_routed_experts():
+    layer, cfg = _expert_layer(top_k=1)
+    x = torch.rand(8, 6, dtype=torch.double) + 0.1
+    with torch.no_grad():
+        layer.router.weight[:] = -1.0
+        layer.router.weight[2] = 1.0                     # every token goes to expert 2
+    base = torch.nn.Linear(6, 5).double()
+    layer(x, base, base(x)).sum().backward()
+    for e in range(cfg.num_experts):
+        moved = layer.lora_A.grad[e].abs().sum() + layer.lora_B.grad[e].abs().sum()
+        assert (moved > 0) == (e == 2), f"expert {e}"
+
+
+def test_bad_configs_say_what_is_wrong():
+    with pytest.raises(ValueError, match=r"top_k=5 exceeds the 4 router slots \(num_experts=4\)"):
+        MoeLoraConfig(num_experts=4, top_k=5)
+    with pytest.raises(ValueError, match="num_experts must be a positive integer"):
+        MoeLoraConfig(num_experts=0)
+    MoeLoraConfig(num_experts=4, top_k=5, zero_expert=True)   # the zero expert is a fifth slot
+
+
+def _moe_model(**kw):
+    cfg = MoeLoraConfig(**{"r": 2, "num_experts": 3, "top_k": 2, "target_modules": ["q_proj", "down_proj"], **kw})
+    model = peftlab.get_peft_model(tiny_llama(), cfg)
+    perturb_trainable(model, std=0.2)
+    return model
+
+
+def test_balance_loss_is_added_to_the_training_loss_and_recorded():
+    batch = token_batch()
+    model = _moe_model(router_aux_loss_coef=0.5).train()
+    out = model(**batch, labels=batch["input_ids"])
+    aux = model.last_aux_losses["default"]
+    plain = _moe_model(router_aux_loss_coef=0.0).train()       # same seed: the same weights
+    lm = plain(**batch, labels=batch["input_ids"]).loss
+    assert plain.last_aux_losses == {}
+    torch.testing.assert_close(out.loss, lm + aux)
+    half = _moe_model(router_aux_loss_coef=0.25).train()
+    half(**batch, labels=batch["input_ids"])
+    torch.testing.assert_close(half.last_aux_losses["default"] * 2, aux)
+    # coef × the mean over layers of S·Σ f_i P_i, and S·Σ f_i P_i >= k·min_i P_i·S/S > 0
+    assert aux.item() > 0
+    # the router gets a gradient from the balance loss alone
+    half.zero_grad()
+    half.last_aux_losses = {}
+    model.zero_grad()
+    (out.loss - lm.detach()).backward()
+    router = model.base_model.model.model.layers[0].self_attn.q_proj.adapters["default"].router
+    assert router.weight.grad.abs().sum() > 0
+
+
+def test_not_mergeable_says_why():
+    model = _moe_model()
+    with pytest.raises(TypeError, match="cannot be merged: it routes each token"):
+        model.merge_and_unload()
+
+
+def test_routing_stats_count_unmasked_tokens():
+    batch = token_batch()
+    model = _moe_model().eval()
+    with torch.no_grad(), model.routing_group("task-a"):
+        model(**batch)
+    stats = model.get_routing_stats()["default"]
+    layer = stats["all"]["layers"]["model.layers.0.self_attn.q_proj.router"]
+    assert layer["tokens"] == int(batch["attention_mask"].sum())
+    assert sum(layer["load"]) == pytest.approx(1.0, abs=1e-5)
+    assert 0 <= layer["entropy"] <= math.log(3) + 1e-9
+    assert stats["task-a"]["layers"].keys() == stats["all"]["layers"].keys()
+    model.reset_routing_stats()
+    assert model.get_routing_stats()["default"] == {}
+
+
+def test_mixed_batch_rows_match_single_adapter_runs():
+    batch = token_batch()
+    model = _moe_model()
+    model.add_adapter("other", MoeLoraConfig(r=2, num_experts=2, top_k=1, target_modules=["q_proj"]))
+    perturb_trainable(model, seed=3, std=0.2)
+    model.eval()
+    with torch.no_grad():
+        mixed = model(**batch, adapter_names=["default", "other", "__base__"]).logits
+        singles = []
+        for name in ("default", "other"):
+            model.set_adapter(name)
+            singles.append(model(**batch).logits)
+        with model.disable_adapter():
+            base = model(**batch).logits
+    torch.testing.assert_close(mixed[0], singles[0][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], singles[1][1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[2], base[2], atol=1e-5, rtol=1e-5)
