@@ -1,5 +1,5 @@
-"""Token routing, shared by the mixture methods: top-k with renormalisation, the load-balancing loss, grouped
-expert computation, and the routing statistics a model reports (`PeftModel.get_routing_stats()`).
+"""Token routing, shared by the mixture methods: top-k with renormalisation, the load-balancing loss, and the
+routing statistics a model reports (`PeftModel.get_routing_stats()`).
 
   p = softmax(W_r x)                              router probabilities over S slots, (N, S)
   top-k:  g_j = p_{e_j} / Σ_{j'} p_{e_j'}         j = 1..k, the renormalised weights of the k largest
@@ -10,8 +10,8 @@ expert computation, and the routing statistics a model reports (`PeftModel.get_r
 
 A `Router` belongs to one adapter on one layer; every router of an adapter shares one `RoutingContext`, through
 which the tuner hands the batch's attention mask and the current statistics group (a task name) to the routers
-and collects their auxiliary losses. Methods that route differently (MoA's sigmoid slots, TT-LoRA MoE's top-1
-per input) record their decisions through the same `RoutingStats`.
+and collects their auxiliary losses. Routed low-rank experts are computed by core/grouped.py. Methods that
+route differently (MoA's sigmoid slots, TT-LoRA MoE's top-1 per input) record through the same `RoutingStats`.
 """
 from __future__ import annotations
 
@@ -50,35 +50,6 @@ def balance_loss(probs: torch.Tensor, idx: torch.Tensor, mask: Optional[torch.Te
 def entropy(probs: torch.Tensor) -> torch.Tensor:
     """Router entropy per token in nats, (N,)."""
     return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-
-
-def grouped_lowrank(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, lora_A: torch.Tensor,
-                    lora_B: torch.Tensor, scale: float, into: torch.Tensor) -> torch.Tensor:
-    """into + Σ_j g_j · s · B_{e_j} A_{e_j} x for every token, computing only the routed experts.
-
-    x (N, d_in), weights/idx (N, k), lora_A (E, r, d_in), lora_B (E, d_out, r), into (N, d_out). Slots ≥ E
-    (the zero expert) add nothing and cost nothing. The N·k assignments are sorted by expert once; each expert
-    then does one matmul pair on its contiguous segment, and one index_add writes every row back."""
-    n, k = idx.shape
-    experts = lora_A.shape[0]
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=experts)[:experts].tolist()
-    routed = sum(counts)
-    if routed == 0:
-        return into
-    order = order[:routed]                     # assignments to the zero expert sort last: drop them
-    rows = order // k                          # the token of each assignment
-    xs = x.index_select(0, rows)               # (routed, d_in), one gather
-    gs = weights.reshape(-1).index_select(0, order).to(xs.dtype).unsqueeze(1) * scale
-    outs, start = [], 0
-    for e, c in enumerate(counts):
-        if c:
-            seg = slice(start, start + c)
-            u = (xs[seg] @ lora_A[e].t()) * gs[seg]          # (c, r): the weight is applied to the thin tensor
-            outs.append(u @ lora_B[e].t())                   # (c, d_out)
-            start += c
-    return into.index_add(0, rows, torch.cat(outs).to(into.dtype))
 
 
 class RoutingStats:

@@ -6,7 +6,10 @@ With `zero_expert` the router has one more slot whose output is 0 and which hold
 there is weight the LoRA experts do not get, so a token routed mostly to it keeps the base layer's output (the
 HMVLM "zero expert" for knowledge retention). The load-balancing loss (core/routing.py) runs over all slots,
 the zero expert included, and is added to the training loss as `router_aux_loss_coef` · its mean over layers.
-Experts are computed batched (core.routing.grouped_lowrank): only the routed ones, one matmul pair per expert.
+Experts are computed batched (core/grouped.py), never token by token: `expert_compute="grouped"` sorts the tokens by
+expert and computes only the routed experts (two batched matmuls); "dense" computes every expert's thin
+down-projection and applies the routed ones with one matmul, faster on CPU while E·r is small; "auto" picks
+dense on CPU for E·r ≤ 128 and grouped otherwise.
 B starts at 0, so the model equals the base at step 0. Not mergeable: the update differs per token.
 """
 from __future__ import annotations
@@ -20,7 +23,12 @@ import torch.nn as nn
 
 from ..core.config import PeftConfig
 from ..core.registry import MethodInfo, register_method, register_tuner
-from ..core.routing import RoutedAdapter, RoutedLayerTuner, Router, RoutingContext, grouped_lowrank
+from ..core.grouped import dense_lowrank, grouped_lowrank
+from ..core.routing import RoutedAdapter, RoutedLayerTuner, Router, RoutingContext
+
+
+COMPUTE = ("auto", "grouped", "dense")
+DENSE_MAX_COLUMNS = 128   # "auto": dense while num_experts · r is at most this (on CPU)
 
 
 @dataclass
@@ -34,6 +42,7 @@ class MoeLoraConfig(PeftConfig):
     zero_expert: bool = False        # one more slot, parameter-free, whose output is 0
     router_aux_loss_coef: float = 0.01   # the balance loss's weight (Switch Transformer's α = 0.01)
     router_init_std: float = 0.02
+    expert_compute: str = "auto"     # "grouped" | "dense" | "auto" (see the module docstring)
     target_modules: Optional[Union[list[str], str]] = None   # None: the architecture's LoRA defaults (q, v)
     exclude_modules: Optional[Union[list[str], str]] = None
     layers_to_transform: Optional[Union[list[int], int]] = None
@@ -54,6 +63,8 @@ class MoeLoraConfig(PeftConfig):
             raise ValueError(f"MoeLoraConfig: top_k={self.top_k} exceeds the {self.num_slots} router slots "
                              f"(num_experts={self.num_experts}" + (" + the zero expert" if self.zero_expert else "")
                              + f"); use top_k <= {self.num_slots}")
+        if self.expert_compute not in COMPUTE:
+            raise ValueError(f"MoeLoraConfig: expert_compute={self.expert_compute!r} is not one of {COMPUTE}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"MoeLoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.router_aux_loss_coef < 0:
@@ -73,13 +84,17 @@ class MoeLoraLinear(RoutedAdapter):
         self.router = Router(d_in, cfg.num_slots, context, cfg.router_init_std)
         self.top_k, self.scale, self.fan_in_fan_out = cfg.top_k, cfg.lora_alpha / r, cfg.fan_in_fan_out
         self.aux = cfg.router_aux_loss_coef > 0
+        self.compute = cfg.expert_compute
         self.dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, base_layer: nn.Module, result: torch.Tensor) -> torch.Tensor:
         h = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)                  # (N, d_in)
         weights, idx = self.router(h, self.top_k, with_loss=self.aux and self.training and torch.is_grad_enabled())
-        out = grouped_lowrank(self.dropout(h), weights, idx, self.lora_A, self.lora_B, self.scale,
-                              into=result.reshape(-1, result.shape[-1]))
+        dense = self.compute == "dense" or (self.compute == "auto" and h.device.type == "cpu"
+                                             and self.lora_A.shape[0] * self.lora_A.shape[1] <= DENSE_MAX_COLUMNS)
+        kernel = dense_lowrank if dense else grouped_lowrank
+        out = kernel(self.dropout(h), weights, idx, self.lora_A, self.lora_B, self.scale,
+                     into=result.reshape(-1, result.shape[-1]))
         return out.reshape(result.shape)
 
 
