@@ -52,7 +52,7 @@ def xlora(base):
         m = peft.get_peft_model(shared_copy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
         randomize(m, seed=i)
         m.save_pretrained(os.path.join(tmp, f"e{i}"))
-        dirs[f"e{i}"] = os.path.join(tmp, f"e{i}")
+        dirs[str(i)] = os.path.join(tmp, f"e{i}")   # X-LoRA names the loaded adapters "0".."7" whatever the keys
     cfg = peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=base.config.hidden_size, adapters=dirs,
                            xlora_depth=1, layerwise_scalings=False)
     model = shared_copy(base)

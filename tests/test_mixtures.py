@@ -216,3 +216,129 @@ def test_expert_kernels_match_plain_autograd(zero, kernel):
         torch.testing.assert_close(got, want, msg=name)
     torch.autograd.gradcheck(lambda *t: fast(t[0], t[1], idx, t[2], t[3], 0.7, t[4] * 1.0),
                              (x, w.detach().requires_grad_(), a, b, base))
+
+
+# -- MoA ----------------------------------------------------------------------------------------------------
+def _silu(v):
+    return v / (1 + math.exp(-v))
+
+
+def _sigmoid(v):
+    return 1 / (1 + math.exp(-v))
+
+
+def _moa_router_reference(router, h):
+    """w_s = σ(W_2 (silu(W_1 h) ⊙ W_3 h))_s per token, written out with loops (MoA's SwiGLU router)."""
+    out = []
+    for t in range(h.shape[0]):
+        a = [_silu(v) * u for v, u in zip((router.w1(h[t])).tolist(), (router.w3(h[t])).tolist())]
+        z = [sum(wj * aj for wj, aj in zip(row, a)) + b for row, b in zip(router.w2.weight.tolist(),
+                                                                           router.w2.bias.tolist())]
+        out.append([_sigmoid(v) for v in z])
+    return torch.tensor(out, dtype=h.dtype)
+
+
+@pytest.mark.parametrize("mode", ["soft", "sparse"])
+def test_moa_router_and_sparse_threshold(mode):
+    from peftlab.methods.moa import MoaConfig, MoaRouter
+    torch.manual_seed(0)
+    cfg = MoaConfig(mode=mode)
+    router = MoaRouter(6, 5, cfg, RoutingContext()).double()
+    with torch.no_grad():
+        for p in router.parameters():
+            p.normal_()
+    h = torch.randn(12, 6, dtype=torch.double)
+    w = _moa_router_reference(router, h)
+    got = router(h)
+    if mode == "soft":
+        torch.testing.assert_close(got, w)
+        return
+    tau = torch.tensor([[cfg.max_threshold * _sigmoid(float(router.threshold(h[t])))] for t in range(12)],
+                       dtype=torch.double)
+    torch.testing.assert_close(got, w * (w >= tau))
+    assert (got == 0).any() and (got > 0).any(), "the threshold should route some slots and drop others here"
+    got.sum().backward()   # the straight-through surrogate teaches the threshold
+    assert router.threshold.weight.grad.abs().sum() > 0
+
+
+def test_sparse_slot_runs_only_on_routed_tokens():
+    from peftlab.methods.moa import weighted_rows
+    seen = []
+    h = torch.randn(6, 3)
+    w = torch.tensor([0.0, 0.7, 0.0, 0.2, 0.9, 0.0])
+    into = torch.randn(6, 3)
+    out = weighted_rows(lambda t: seen.append(t.shape[0]) or 2 * t, h, w, into, sparse=True)
+    assert seen == [3]
+    torch.testing.assert_close(out, into + w.unsqueeze(-1) * 2 * h)
+    torch.testing.assert_close(weighted_rows(lambda t: 2 * t, h, w, into, sparse=False), out)
+
+
+@pytest.mark.parametrize("mode", ["soft", "sparse"])
+def test_moa_lora_slot_is_weighted_by_its_router_output(mode):
+    from peftlab.methods.moa import MoaConfig
+    model = peftlab.get_peft_model(tiny_llama(), MoaConfig(mode=mode, r=2))
+    perturb_trainable(model, std=0.3)
+    model.eval()
+    seen = {}
+    block = model.base_model.model.model.layers[1].self_attn
+    hooks = [block.q_proj.register_forward_hook(lambda m, i, o: seen.update(q=(i[0], o))),
+             block.q_proj.base_layer.register_forward_hook(lambda m, i, o: seen.update(q_base=o))]
+    with torch.no_grad():
+        model(**token_batch())
+    for hk in hooks:
+        hk.remove()
+    x, y = seen["q"]
+    site = block.q_proj.adapters["default"]
+    h = x.reshape(-1, x.shape[-1])
+    w = _moa_router_reference(site.router, h)[:, 0]            # slot 0 is q_proj's LoRA
+    if mode == "sparse":
+        tau = [0.5 * _sigmoid(float(site.router.threshold(h[t]))) for t in range(h.shape[0])]
+        w = w * (w >= torch.tensor(tau))
+    want = seen["q_base"].reshape(h.shape[0], -1) + w.unsqueeze(-1) * site.scale * (h @ site.lora_A.t() @ site.lora_B.t())
+    torch.testing.assert_close(y.reshape(want.shape), want, atol=1e-5, rtol=1e-5)
+
+
+def test_moa_sparse_has_no_prompt_expert_and_bad_configs_say_so():
+    from peftlab.methods.moa import MoaConfig
+    assert "prompt" in MoaConfig(mode="soft").slot_names()
+    assert "prompt" not in MoaConfig(mode="sparse").slot_names()
+    model = peftlab.get_peft_model(tiny_llama(), MoaConfig(mode="sparse"))
+    assert not any("prompt" in n for n, _ in model.named_parameters())
+    with pytest.raises(ValueError, match="mode='dense' is not one of"):
+        MoaConfig(mode="dense")
+    with pytest.raises(ValueError, match=r"lora_modules \['c_attn'\]"):
+        MoaConfig(lora_modules=["q_proj", "c_attn"])
+
+
+def test_moa_prompt_expert_matches_attention_over_the_prompt():
+    from peftlab.methods.moa import MoaConfig
+    cfg = MoaConfig(mode="soft", r=2, prompt_length=3)
+    model = peftlab.get_peft_model(tiny_llama(), cfg)
+    perturb_trainable(model, std=0.3)
+    model.eval()
+    attn = model.base_model.model.model.layers[0].self_attn
+    seen = {}
+    hooks = [attn.q_proj.register_forward_hook(lambda m, i, o: seen.update(q=o)),
+             attn.o_proj.register_forward_hook(lambda m, i, o: seen.update(o=(i[0], o))),
+             attn.q_proj.register_forward_hook(lambda m, i, o: seen.update(h=i[0]))]
+    with torch.no_grad():
+        model(**token_batch())
+        for hk in hooks:
+            hk.remove()
+        site, router = attn.o_proj.adapters["default"], attn.q_proj.adapters["default"].router
+        slots = cfg.slot_names()
+        h = seen["h"].reshape(-1, seen["h"].shape[-1])
+        w = _moa_router_reference(router, h)
+        heads, kv_heads, hd = 4, 2, 8
+        k = attn.k_proj.base_layer(site.prompt).view(-1, kv_heads, hd)
+        v = attn.v_proj.base_layer(site.prompt).view(-1, kv_heads, hd)
+        q = seen["q"].reshape(-1, heads, hd)
+        p = torch.zeros(q.shape[0], heads, hd)
+        for t in range(q.shape[0]):
+            for hh in range(heads):
+                kv = hh // (heads // kv_heads)     # grouped-query attention: heads share key/value heads
+                s = torch.softmax(torch.stack([q[t, hh] @ k[l, kv] / math.sqrt(hd) for l in range(3)]), 0)
+                p[t, hh] = w[t, slots.index("prompt")] * site.prompt_gate[hh] * sum(s[l] * v[l, kv] for l in range(3))
+        x = seen["o"][0].reshape(-1, heads * hd) + p.reshape(-1, heads * hd)
+        want = attn.o_proj.base_layer(x) + w[:, slots.index("o_proj"), None] * site.scale * (x @ site.lora_A.t() @ site.lora_B.t())
+    torch.testing.assert_close(seen["o"][1].reshape(want.shape), want, atol=1e-5, rtol=1e-5)

@@ -110,15 +110,29 @@ class RoutingContext:
         return torch.stack(losses).mean() if losses else None
 
 
-class Router(nn.Module):
-    """A linear softmax router over `slots` slots with top-k; records statistics and its balance loss."""
+class RoutingRecorder(nn.Module):
+    """A router module that records its decisions into the adapter's RoutingContext (statistics found by type)."""
 
-    def __init__(self, d_in: int, slots: int, context: RoutingContext, init_std: float = 0.02):
+    def __init__(self, slots: int, context: RoutingContext):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(slots, d_in) * init_std)   # MixLoRA's normal(0, 0.02) gate
         self.context = context
         self.stats = RoutingStats(slots)
         context.stats.append(self.stats)
+
+    def record(self, probs: torch.Tensor, load: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        """probs (N, S): per-token routing distribution (its entropy is recorded); load (N, S): what each token
+        gives each slot (assignments, or weights)."""
+        if mask is not None:
+            probs, load = probs[mask], load[mask]
+        self.stats.add(self.context.group, load.sum(0), entropy(probs).sum(), probs.shape[0])
+
+
+class Router(RoutingRecorder):
+    """A linear softmax router over `slots` slots with top-k; records statistics and its balance loss."""
+
+    def __init__(self, d_in: int, slots: int, context: RoutingContext, init_std: float = 0.02):
+        super().__init__(slots, context)
+        self.weight = nn.Parameter(torch.randn(slots, d_in) * init_std)   # MixLoRA's normal(0, 0.02) gate
 
     def forward(self, x: torch.Tensor, k: int, with_loss: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights, slot indices), each (N, k), for x (N, d_in); the balance loss goes to the context."""
@@ -126,19 +140,15 @@ class Router(nn.Module):
         mask = self.context.mask_for(x.shape[0])
         if with_loss:
             self.context.losses.append(balance_loss(probs, idx, mask))
-        self.record(probs.detach(), idx, mask)
+        with torch.no_grad():
+            assigned = torch.zeros_like(probs).scatter_(1, idx, 1.0)      # (N, S) 1 where routed
+            self.record(probs, assigned, mask)
         return weights, idx
 
-    def record(self, probs: torch.Tensor, idx: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        if mask is not None:
-            probs, idx = probs[mask], idx[mask]
-        counts = torch.bincount(idx.reshape(-1), minlength=self.stats.slots)
-        self.stats.add(self.context.group, counts, entropy(probs).sum(), probs.shape[0])
 
-
-def routers_of(module: nn.Module) -> Iterator[tuple[str, "Router"]]:
+def routers_of(module: nn.Module) -> Iterator[tuple[str, RoutingRecorder]]:
     for name, m in module.named_modules():
-        if isinstance(m, Router):
+        if isinstance(m, RoutingRecorder):
             yield name, m
 
 
