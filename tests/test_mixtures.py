@@ -342,3 +342,80 @@ def test_moa_prompt_expert_matches_attention_over_the_prompt():
         x = seen["o"][0].reshape(-1, heads * hd) + p.reshape(-1, heads * hd)
         want = attn.o_proj.base_layer(x) + w[:, slots.index("o_proj"), None] * site.scale * (x @ site.lora_A.t() @ site.lora_B.t())
     torch.testing.assert_close(seen["o"][1].reshape(want.shape), want, atol=1e-5, rtol=1e-5)
+
+
+# -- TT-LoRA MoE --------------------------------------------------------------------------------------------
+def _stage1_dirs(tmp_path, n=3):
+    from peftlab.methods.tt_lora import TTLoraConfig
+    dirs = []
+    for i in range(n):
+        m = peftlab.get_peft_model(tiny_llama(), TTLoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        perturb_trainable(m, seed=i, std=0.3)
+        m.save_pretrained(tmp_path / f"task{i}")
+        dirs.append(str(tmp_path / f"task{i}"))
+    return dirs
+
+
+def test_noisy_top1_router_noise_only_in_training():
+    from peftlab.methods.tt_lora_moe import TopOneRouter
+    torch.manual_seed(0)
+    router = TopOneRouter(6, 3, True, RoutingContext())
+    h_last, h_mean = torch.randn(5, 6), torch.randn(5, 6)
+    clean = h_last @ router.proj.weight.t()                     # logits = W_r h_last
+    router.eval()
+    torch.testing.assert_close(router(h_last, h_mean), clean)
+    router.train()
+    torch.manual_seed(1)
+    noisy = router(h_last, h_mean)
+    torch.manual_seed(1)
+    eps = torch.randn_like(clean)
+    scale = torch.log1p(torch.exp(h_mean @ router.noise.weight.t() + router.noise.bias))   # softplus
+    torch.testing.assert_close(noisy, clean + eps * scale)
+
+
+def test_tt_lora_moe_routes_each_input_to_one_frozen_expert(tmp_path):
+    from peftlab.methods.tt_lora_moe import TTLoraMoeConfig
+    dirs = _stage1_dirs(tmp_path)
+    batch = token_batch()
+    experts = [peftlab.PeftModel.from_pretrained(tiny_llama(), d).eval() for d in dirs]
+    moe = peftlab.get_peft_model(tiny_llama(), TTLoraMoeConfig(expert_dirs=dirs)).eval()
+    cfg = moe.peft_config["default"]
+    assert cfg.expert_dirs is None and cfg.expert_names == ["task0", "task1", "task2"] and cfg.r == 2
+    # only the router trains
+    names = [n for n, p in moe.named_parameters() if p.requires_grad]
+    assert names and all(".router." in n for n in names)
+    # the router's choice per input: argmax W_r h_last of the frozen base's final hidden state at the last token
+    router = moe.base_model.model.model.layers[0].self_attn.q_proj.adapters["default"].router
+    with torch.no_grad():
+        h = tiny_llama().model(**batch).last_hidden_state[:, -1]     # left padding: the last token is real
+        choice = (h @ router.proj.weight.t()).argmax(-1)
+        got = moe(**batch).logits
+        for row, e in enumerate(choice.tolist()):
+            want = experts[e](**{k: v[row:row + 1] for k, v in batch.items()}).logits[0]
+            torch.testing.assert_close(got[row], want, atol=1e-5, rtol=1e-5)
+    load = moe.get_routing_stats()["default"]["all"]["layers"]["model.layers.0.self_attn.q_proj.router"]["load"]
+    assert load == pytest.approx([choice.tolist().count(e) / 3 for e in range(3)], abs=1e-5)
+
+
+def test_tt_lora_moe_router_cross_entropy_trains_the_router_only(tmp_path):
+    from peftlab.methods.tt_lora_moe import TTLoraMoeConfig
+    moe = peftlab.get_peft_model(tiny_llama(), TTLoraMoeConfig(expert_dirs=_stage1_dirs(tmp_path),
+                                                               router_noise=False)).train()
+    batch, task_ids = token_batch(), torch.tensor([2, 0, 1])
+    out = moe(**batch, labels=batch["input_ids"], task_ids=task_ids)
+    router = moe.base_model.model.model.layers[0].self_attn.q_proj.adapters["default"].router
+    with torch.no_grad():
+        h = tiny_llama().model(**batch).last_hidden_state[:, -1]
+    ce = torch.nn.functional.cross_entropy(h @ router.proj.weight.t(), task_ids)
+    torch.testing.assert_close(moe.last_aux_losses["default"], ce.detach(), atol=1e-5, rtol=1e-5)
+    out.loss.backward()
+    assert router.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in moe.named_parameters() if "tt_cores" in n)
+
+
+def test_tt_lora_moe_refuses_other_adapters(tmp_path):
+    from peftlab.methods.tt_lora_moe import TTLoraMoeConfig
+    m = peftlab.get_peft_model(tiny_llama(), MoeLoraConfig(r=2, num_experts=2, top_k=1))
+    m.save_pretrained(tmp_path / "moe")
+    with pytest.raises(ValueError, match="holds a MOE_LORA adapter; stage 2 takes the directories of `tt-lora` runs"):
+        peftlab.get_peft_model(tiny_llama(), TTLoraMoeConfig(expert_dirs=[str(tmp_path / "moe")]))
