@@ -232,6 +232,8 @@ class PeftModel(nn.Module):
 
     def forward(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
         args, kwargs = self._inputs_as_keywords(args, kwargs)
+        if not any(t.takes_task_ids for _, _, t in self._active_tuners()):
+            kwargs.pop("task_ids", None)  # task labels of the data: only a router that learns them reads them
         for name, cfg, tuner in self._active_tuners():
             kwargs = tuner.prepare_inputs(self.model, name, cfg, kwargs, generate=False)
         with self.siblings.forward_pass(self.model), self._mixed_batch(adapter_names):

@@ -58,6 +58,9 @@ class Tuner:
     # routes_tokens: a mixture whose routers record statistics (routing_stats, reset_routing_stats and
     # routing_contexts are implemented; core/routing.py's RoutedLayerTuner does it for layer mixtures)
     routes_tokens = False
+    # takes_task_ids: prepare_inputs consumes the forward's `task_ids` (per-row task labels, from data records'
+    # "expert" key: TT-LoRA MoE's router targets); for other tuners PeftModel drops them before the base model
+    takes_task_ids = False
 
     def inject(self, model: nn.Module, config, adapter_name: str) -> None:
         raise NotImplementedError

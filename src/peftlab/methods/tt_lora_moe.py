@@ -125,6 +125,7 @@ def pooled_states(model: nn.Module, kwargs: dict) -> tuple[torch.Tensor, torch.T
 @register_tuner("TT_LORA_MOE", TTLoraMoeConfig)
 class TTLoraMoeTuner(RoutedLayerTuner):
     aux_coef_field = "router_loss_coef"
+    takes_task_ids = True
 
     def inject(self, model, config: TTLoraMoeConfig, adapter_name):
         stage1 = [self._stage1(d, config) for d in config.expert_dirs or []]
