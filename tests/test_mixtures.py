@@ -419,3 +419,23 @@ def test_tt_lora_moe_refuses_other_adapters(tmp_path):
     m.save_pretrained(tmp_path / "moe")
     with pytest.raises(ValueError, match="holds a MOE_LORA adapter; stage 2 takes the directories of `tt-lora` runs"):
         peftlab.get_peft_model(tiny_llama(), TTLoraMoeConfig(expert_dirs=[str(tmp_path / "moe")]))
+
+
+def test_moa_mixed_batch_rows_match_single_adapter_runs():
+    from peftlab.methods.moa import MoaConfig
+    batch = token_batch()
+    model = peftlab.get_peft_model(tiny_llama(), MoaConfig(mode="soft", r=2))
+    model.add_adapter("sparse", MoaConfig(mode="sparse", r=2))
+    perturb_trainable(model, std=0.3)
+    model.eval()
+    with torch.no_grad():
+        mixed = model(**batch, adapter_names=["sparse", "default", "__base__"]).logits
+        singles = {}
+        for name in ("default", "sparse"):
+            model.set_adapter(name)
+            singles[name] = model(**batch).logits
+        with model.disable_adapter():
+            base = model(**batch).logits
+    torch.testing.assert_close(mixed[0], singles["sparse"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], singles["default"][1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[2], base[2], atol=1e-5, rtol=1e-5)
