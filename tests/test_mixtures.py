@@ -37,7 +37,7 @@ def _reference(layer, cfg, x, base_out):
         z = sum(p[i] for i in top)
         for i in top:
             if i < cfg.num_experts:  # slot num_experts is the zero expert: adds nothing
-                out[t] += (p[i] / z) * (cfg.lora_alpha / cfg.r) * layer.lora_B[i] @ (layer.lora_A[i] @ x[t])
+                out[t] += (p[i] / z) * (cfg.lora_alpha / cfg.r) * layer.lora_B[i].t() @ (layer.lora_A[i] @ x[t])
     return out
 
 
@@ -175,7 +175,7 @@ def test_mixed_batch_rows_match_single_adapter_runs():
     torch.testing.assert_close(mixed[2], base[2], atol=1e-5, rtol=1e-5)
 
 
-def _grouped_reference(x, weights, idx, lora_A, lora_B, scale, into):
+def _grouped_reference(x, weights, idx, lora_A, lora_B, scale, into, slots):
     """Σ_j g_j s B_{e_j} A_{e_j} x_t by plain autograd ops, one token at a time (slots >= E add nothing)."""
     rows = []
     for t in range(x.shape[0]):
@@ -183,7 +183,7 @@ def _grouped_reference(x, weights, idx, lora_A, lora_B, scale, into):
         for j in range(idx.shape[1]):
             e = int(idx[t, j])
             if e < lora_A.shape[0]:
-                y = y + weights[t, j] * scale * (lora_B[e] @ (lora_A[e] @ x[t]))
+                y = y + weights[t, j] * scale * (lora_B[e].t() @ (lora_A[e] @ x[t]))   # B stored as B_eᵀ
         rows.append(y)
     return torch.stack(rows)
 
@@ -198,14 +198,14 @@ def test_expert_kernels_match_plain_autograd(zero, kernel):
     x = torch.randn(n, d_in, dtype=torch.double, generator=g, requires_grad=True)
     logits = torch.randn(n, e + zero, dtype=torch.double, generator=g, requires_grad=True)
     a = torch.randn(e, r, d_in, dtype=torch.double, generator=g, requires_grad=True)
-    b = torch.randn(e, d_out, r, dtype=torch.double, generator=g, requires_grad=True)
+    b = torch.randn(e, r, d_out, dtype=torch.double, generator=g, requires_grad=True)
     base = torch.randn(n, d_out, dtype=torch.double, generator=g, requires_grad=True)
     idx = logits.detach().softmax(-1).topk(k, -1).indices
     upstream = torch.randn(n, d_out, dtype=torch.double, generator=g)
     outs, grads = [], []
     for fn in (fast, _grouped_reference):
         w = logits.softmax(-1).gather(1, idx)
-        out = fn(x, w, idx, a, b, 0.7, base * 1.0)   # base * 1.0: the kernel may write into its `into`
+        out = fn(x, w, idx, a, b, 0.7, base * 1.0, e + zero)   # base * 1.0: the kernel writes into `into`
         (out * upstream).sum().backward()
         outs.append(out.detach())
         grads.append([t.grad.clone() for t in (x, logits, a, b, base)])
@@ -214,7 +214,7 @@ def test_expert_kernels_match_plain_autograd(zero, kernel):
     torch.testing.assert_close(outs[0], outs[1])
     for got, want, name in zip(grads[0], grads[1], ("x", "router logits", "A", "B", "base")):
         torch.testing.assert_close(got, want, msg=name)
-    torch.autograd.gradcheck(lambda *t: fast(t[0], t[1], idx, t[2], t[3], 0.7, t[4] * 1.0),
+    torch.autograd.gradcheck(lambda *t: fast(t[0], t[1], idx, t[2], t[3], 0.7, t[4] * 1.0, e + zero),
                              (x, w.detach().requires_grad_(), a, b, base))
 
 

@@ -2,7 +2,7 @@
 thin down-projection, then one matmul of the routed ones' weighted products).
 
   y_t = into_t + Σ_j g_tj · s · B_{e_tj} A_{e_tj} x_t            x (N, d_in), g/e (N, k)
-  A (E, r, d_in), B (E, d_out, r); slots e ≥ E (the zero expert) add nothing and cost nothing.
+  A (E, r, d_in), B (E, r, d_out) (stored so [B_1 … B_E]ᵀ is a view); slots e ≥ E (the zero expert) add nothing and cost nothing.
 
 The N·k assignments are sorted by expert once (stable) and laid out as E segments of C = the largest expert's
 count (padding slots point at row 0 with weight 0, so they add and receive nothing); then every expert's
@@ -23,7 +23,7 @@ Both are tested against plain per-token code in tests/test_mixtures.py.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -62,7 +62,7 @@ class _GroupedLowRank(torch.autograd.Function):
         w_ext = torch.cat([weights.reshape(-1), weights.new_zeros(1)])   # padding reads the appended 0
         g = (w_ext.index_select(0, d.order).to(x.dtype) * scale).view(e, cap, 1)
         u = torch.bmm(xs, lora_A.transpose(1, 2))                        # (E, C, r)
-        ys = torch.bmm(u * g, lora_B.transpose(1, 2))                    # (E, C, d_out)
+        ys = torch.bmm(u * g, lora_B)                                    # (E, C, d_out)
         ctx.save_for_backward(x, weights, lora_A, lora_B, u, g)
         ctx.d, ctx.scale = d, scale
         return ys.view(e * cap, -1)
@@ -74,8 +74,8 @@ class _GroupedLowRank(torch.autograd.Function):
         e, cap = lora_A.shape[0], d.capacity
         gy = grad_out.to(x.dtype).view(e, cap, -1)                       # (E, C, d_out)
         xs = x.index_select(0, d.rows).view(e, cap, -1)
-        d_ug = torch.bmm(gy, lora_B)                                     # d(loss)/d(g·u), (E, C, r)
-        grad_B = torch.bmm(gy.transpose(1, 2), u * g)                    # (E, d_out, r)
+        d_ug = torch.bmm(gy, lora_B.transpose(1, 2))                     # d(loss)/d(g·u), (E, C, r)
+        grad_B = torch.bmm((u * g).transpose(1, 2), gy)                  # (E, r, d_out)
         du = d_ug * g
         grad_A = torch.bmm(du.transpose(1, 2), xs)                       # (E, r, d_in)
         grad_x = None
@@ -92,8 +92,9 @@ class _GroupedLowRank(torch.autograd.Function):
 
 
 def grouped_lowrank(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, lora_A: torch.Tensor,
-                    lora_B: torch.Tensor, scale: float, into: torch.Tensor) -> torch.Tensor:
-    """into + Σ_j g_j · s · B_{e_j} A_{e_j} x per token (see the module docstring); `into` is written in place."""
+                    lora_B: torch.Tensor, scale: float, into: torch.Tensor, slots: int = 0) -> torch.Tensor:
+    """into + Σ_j g_j · s · B_{e_j} A_{e_j} x per token (see the module docstring); `into` is written in place.
+    (`slots` is dense_lowrank's; slot indices ≥ E are dropped here whatever their number.)"""
     d = dispatch(idx, lora_A.shape[0])
     if d.capacity == 0:
         return into
@@ -104,11 +105,12 @@ def grouped_lowrank(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, l
 
 
 def dense_lowrank(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, lora_A: torch.Tensor,
-                  lora_B: torch.Tensor, scale: float, into: torch.Tensor) -> torch.Tensor:
-    """The same sum as grouped_lowrank with every expert's down-projection computed (see the module docstring)."""
+                  lora_B: torch.Tensor, scale: float, into: torch.Tensor, slots: int,
+                  u: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The same sum as grouped_lowrank with every expert's down-projection computed (see the module docstring);
+    `slots`: the router's width (E, or E + 1 with a zero expert); `u`: x [A_1; …; A_E]ᵀ if the caller has it."""
     e, r = lora_A.shape[:2]
-    slots = max(e, int(idx.max()) + 1) if idx.numel() else e
     gate = torch.zeros(x.shape[0], slots, dtype=x.dtype, device=x.device).scatter(1, idx, weights.to(x.dtype))
-    u = x @ lora_A.reshape(e * r, -1).t()                                        # (N, E·r)
+    u = x @ lora_A.reshape(e * r, -1).t() if u is None else u                    # (N, E·r)
     h = (u.view(-1, e, r) * (gate[:, :e] * scale).unsqueeze(-1)).view(-1, e * r)  # zero zero-expert slots dropped
-    return into.addmm_(h.to(into.dtype), lora_B.transpose(1, 2).reshape(e * r, -1).to(into.dtype))
+    return into.addmm_(h.to(into.dtype), lora_B.reshape(e * r, -1).to(into.dtype))    # (E·r, d_out): a view

@@ -36,15 +36,18 @@ def topk_route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return probs, top / top.sum(-1, keepdim=True), idx
 
 
-def balance_loss(probs: torch.Tensor, idx: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """S · Σ_i f_i P_i over the tokens where `mask` (N,) is True (all without one); see the module docstring."""
+def balance_loss(probs: torch.Tensor, idx: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                 counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """S · Σ_i f_i P_i over the tokens where `mask` (N,) is True (all without one); see the module docstring.
+    `counts` (S,): the assignments per slot of those tokens, when the caller has them already."""
     if mask is not None:
         probs, idx = probs[mask], idx[mask]
     n, slots = probs.shape
     if n == 0:
         return probs.sum() * 0.0
-    f = torch.bincount(idx.reshape(-1), minlength=slots).to(probs.dtype) / n     # (S,), sums to k
-    return slots * (f * probs.mean(0)).sum()
+    if counts is None:
+        counts = torch.bincount(idx.reshape(-1), minlength=slots)
+    return slots * (counts.to(probs.dtype) / n * probs.mean(0)).sum()         # f = counts / N sums to k
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -60,22 +63,23 @@ class RoutingStats:
         self.groups: dict[str, list] = {}
 
     def add(self, group: Optional[str], counts: torch.Tensor, entropy_sum: torch.Tensor, tokens: int) -> None:
+        """Accumulated as tensors where they are (no device sync per forward); read by summary()."""
         for g in (ALL,) if group is None else (ALL, group):
-            if g not in self.groups:
-                self.groups[g] = [torch.zeros(self.slots, dtype=torch.float64), 0.0, 0]
-            acc = self.groups[g]
-            acc[0] += counts.detach().to("cpu", torch.float64)
-            acc[1] += float(entropy_sum)
-            acc[2] += tokens
+            acc = self.groups.get(g)
+            if acc is None:
+                self.groups[g] = [counts.detach().double(), entropy_sum.detach().double(), tokens]
+            else:
+                acc[0], acc[1], acc[2] = acc[0] + counts.detach(), acc[1] + entropy_sum.detach(), acc[2] + tokens
 
     def summary(self, group: str) -> Optional[dict]:
         """{"tokens", "load" (each slot's share of the assignments), "entropy" (mean nats), "max_entropy"}."""
         if group not in self.groups:
             return None
         counts, ent, tokens = self.groups[group]
+        counts = counts.cpu()
         total = float(counts.sum()) or 1.0
         return {"tokens": tokens, "load": [round(float(c) / total, 6) for c in counts],
-                "entropy": ent / max(tokens, 1), "max_entropy": math.log(self.slots)}
+                "entropy": float(ent) / max(tokens, 1), "max_entropy": math.log(self.slots)}
 
     def reset(self) -> None:
         self.groups = {}
@@ -119,12 +123,10 @@ class RoutingRecorder(nn.Module):
         self.stats = RoutingStats(slots)
         context.stats.append(self.stats)
 
-    def record(self, probs: torch.Tensor, load: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        """probs (N, S): per-token routing distribution (its entropy is recorded); load (N, S): what each token
-        gives each slot (assignments, or weights)."""
-        if mask is not None:
-            probs, load = probs[mask], load[mask]
-        self.stats.add(self.context.group, load.sum(0), entropy(probs).sum(), probs.shape[0])
+    def record(self, probs: torch.Tensor, load: torch.Tensor) -> None:
+        """probs (n, S): the recorded tokens' routing distributions (their entropy is kept); load (S,): what those
+        tokens gave each slot (assignments, or weights)."""
+        self.stats.add(self.context.group, load, entropy(probs).sum(), probs.shape[0])
 
 
 class Router(RoutingRecorder):
@@ -134,15 +136,20 @@ class Router(RoutingRecorder):
         super().__init__(slots, context)
         self.weight = nn.Parameter(torch.randn(slots, d_in) * init_std)   # MixLoRA's normal(0, 0.02) gate
 
-    def forward(self, x: torch.Tensor, k: int, with_loss: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights, slot indices), each (N, k), for x (N, d_in); the balance loss goes to the context."""
-        probs, weights, idx = topk_route(x.to(self.weight.dtype) @ self.weight.t(), k)
+    def forward(self, x: torch.Tensor, k: int, with_loss: bool,
+                logits: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, slot indices), each (N, k), for x (N, d_in), or for `logits` = x W_rᵀ computed by the caller
+        (in one matmul with its experts' down-projection); the balance loss goes to the context."""
+        if logits is None:
+            logits = x.to(self.weight.dtype) @ self.weight.t()
+        probs, weights, idx = topk_route(logits, k)
         mask = self.context.mask_for(x.shape[0])
+        kept_p, kept_i = (probs, idx) if mask is None else (probs[mask], idx[mask])
+        counts = torch.bincount(kept_i.reshape(-1), minlength=probs.shape[1])    # (S,), once for both uses
         if with_loss:
-            self.context.losses.append(balance_loss(probs, idx, mask))
+            self.context.losses.append(balance_loss(kept_p, kept_i, counts=counts))
         with torch.no_grad():
-            assigned = torch.zeros_like(probs).scatter_(1, idx, 1.0)      # (N, S) 1 where routed
-            self.record(probs, assigned, mask)
+            self.record(kept_p, counts)
         return weights, idx
 
 

@@ -102,8 +102,11 @@ class MoaRouter(RoutingRecorder):
             soft = torch.sigmoid((w - tau) / STE_TEMPERATURE)
             w = w * ((w >= tau).to(w.dtype) + soft - soft.detach())              # forward: w · 1[w ≥ τ]
         with torch.no_grad():
-            self.record(w / w.sum(-1, keepdim=True).clamp_min(1e-12), (w > 0).to(w.dtype) if self.threshold
-                        is not None else w, self.context.mask_for(h.shape[0]))
+            mask = self.context.mask_for(h.shape[0])
+            kept = w if mask is None else w[mask]
+            # load: the tokens each slot runs on (sparse) or the weight it gets (soft); entropy of w normalised
+            load = (kept > 0).sum(0) if self.threshold is not None else kept.sum(0)
+            self.record(kept / kept.sum(-1, keepdim=True).clamp_min(1e-12), load)
         return w
 
 

@@ -72,13 +72,13 @@ class MoeLoraConfig(PeftConfig):
 
 
 class MoeLoraLinear(RoutedAdapter):
-    """E LoRA experts (stacked: A (E, r, d_in), B (E, d_out, r)) and their router on one linear layer."""
+    """E LoRA experts (stacked: A (E, r, d_in), B (E, r, d_out), i.e. B_eᵀ) and their router on one linear layer."""
 
     def __init__(self, d_in: int, d_out: int, cfg: MoeLoraConfig, context: RoutingContext):
         super().__init__(context)
         e, r = cfg.num_experts, cfg.r
         self.lora_A = nn.Parameter(torch.empty(e, r, d_in))
-        self.lora_B = nn.Parameter(torch.zeros(e, d_out, r))
+        self.lora_B = nn.Parameter(torch.zeros(e, r, d_out))   # B_eᵀ: the experts' up-projections side by side
         for a in self.lora_A:                                   # each expert: LoRA's Kaiming-uniform(a=√5) A
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.router = Router(d_in, cfg.num_slots, context, cfg.router_init_std)
@@ -86,15 +86,27 @@ class MoeLoraLinear(RoutedAdapter):
         self.aux = cfg.router_aux_loss_coef > 0
         self.compute = cfg.expert_compute
         self.dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
+        self.dropout_p = cfg.lora_dropout   # 0: the router and the experts read the same x (one fused matmul)
 
     def forward(self, x: torch.Tensor, base_layer: nn.Module, result: torch.Tensor) -> torch.Tensor:
         h = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)                  # (N, d_in)
-        weights, idx = self.router(h, self.top_k, with_loss=self.aux and self.training and torch.is_grad_enabled())
+        e, r = self.lora_A.shape[:2]
+        with_loss = self.aux and self.training and torch.is_grad_enabled()
+        into, slots = result.reshape(-1, result.shape[-1]), self.router.weight.shape[0]
         dense = self.compute == "dense" or (self.compute == "auto" and h.device.type == "cpu"
-                                             and self.lora_A.shape[0] * self.lora_A.shape[1] <= DENSE_MAX_COLUMNS)
-        kernel = dense_lowrank if dense else grouped_lowrank
-        out = kernel(self.dropout(h), weights, idx, self.lora_A, self.lora_B, self.scale,
-                     into=result.reshape(-1, result.shape[-1]))
+                                             and e * r <= DENSE_MAX_COLUMNS)
+        if not dense:
+            weights, idx = self.router(h, self.top_k, with_loss)
+            out = grouped_lowrank(self.dropout(h), weights, idx, self.lora_A, self.lora_B, self.scale, into)
+        elif self.dropout_p == 0:
+            # router logits and every expert's down-projection in one (N, d_in) × (d_in, E·r + S) matmul
+            z = h @ torch.cat([self.lora_A.reshape(e * r, -1), self.router.weight.to(h.dtype)]).t()
+            u, logits = z.split([e * r, slots], dim=1)
+            weights, idx = self.router(h, self.top_k, with_loss, logits=logits)
+            out = dense_lowrank(h, weights, idx, self.lora_A, self.lora_B, self.scale, into, slots, u=u)
+        else:
+            weights, idx = self.router(h, self.top_k, with_loss)
+            out = dense_lowrank(self.dropout(h), weights, idx, self.lora_A, self.lora_B, self.scale, into, slots)
         return out.reshape(result.shape)
 
 

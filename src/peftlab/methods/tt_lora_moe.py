@@ -79,8 +79,7 @@ class TopOneRouter(RoutingRecorder):
         if self.noise is not None and self.training:
             logits = logits + torch.randn_like(logits) * F.softplus(self.noise(h_mean.to(logits.dtype)))
         with torch.no_grad():
-            probs = logits.softmax(-1)
-            self.record(probs, F.one_hot(logits.argmax(-1), logits.shape[-1]).to(probs.dtype), None)
+            self.record(logits.softmax(-1), torch.bincount(logits.argmax(-1), minlength=logits.shape[-1]))
         return logits
 
 
