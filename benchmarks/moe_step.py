@@ -79,27 +79,11 @@ def build(base, names: list[str]) -> dict:
     return out
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def child(mode: str, batch: int, seq: int) -> dict:
-    import ctypes
+    from memory import measure_peak
     setup_torch(2)
     model = build(base_model(real=True), [mode])[mode]
-    step = train_step(model, token_batch(batch, seq))
-    step()  # warm-up (see benchmarks/memory.py)
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = _status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    for _ in range(3):
-        step()
-    return {"mode": mode, "rss_before": before, "peak": _status("VmHWM")}
+    return {"mode": mode, **measure_peak(train_step(model, token_batch(batch, seq)))}
 
 
 def memory(names: list[str], batch: int, seq: int) -> None:

@@ -25,6 +25,7 @@ from ..core.config import PeftConfig
 from ..core.registry import MethodInfo, register_method, register_tuner
 from ..core.grouped import dense_lowrank, grouped_lowrank
 from ..core.routing import RoutedAdapter, RoutedLayerTuner, Router, RoutingContext
+from ..core.targets import linear_features
 
 
 COMPUTE = ("auto", "grouped", "dense")
@@ -47,7 +48,6 @@ class MoeLoraConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = None
     layers_to_transform: Optional[Union[list[int], int]] = None
     layers_pattern: Optional[Union[list[str], str]] = None
-    fan_in_fan_out: bool = False
 
     @property
     def num_slots(self) -> int:
@@ -82,7 +82,7 @@ class MoeLoraLinear(RoutedAdapter):
         for a in self.lora_A:                                   # each expert: LoRA's Kaiming-uniform(a=√5) A
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.router = Router(d_in, cfg.num_slots, context, cfg.router_init_std)
-        self.top_k, self.scale, self.fan_in_fan_out = cfg.top_k, cfg.lora_alpha / r, cfg.fan_in_fan_out
+        self.top_k, self.scale = cfg.top_k, cfg.lora_alpha / r
         self.aux = cfg.router_aux_loss_coef > 0
         self.compute = cfg.expert_compute
         self.dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
@@ -119,13 +119,8 @@ class MoeLoraTuner(RoutedLayerTuner):
         super().inject(model, config, adapter_name)
 
     def create_adapter(self, base_layer, config: MoeLoraConfig, module_name: str, adapter_name: str):
-        w = getattr(base_layer, "weight", None)
-        if w is None or w.dim() != 2 or isinstance(base_layer, nn.Embedding):
-            raise ValueError(f"MoE-LoRA cannot adapt {module_name} ({type(base_layer).__name__}); it supports "
-                             f"nn.Linear and transformers' Conv1D")
-        conv1d = config.fan_in_fan_out or type(base_layer).__name__ == "Conv1D"
-        d_out, d_in = w.shape[::-1] if conv1d else w.shape
-        return MoeLoraLinear(d_in, d_out, config, self._context).to(w.device)
+        d_in, d_out, _ = linear_features("MoE-LoRA", base_layer, module_name)   # the experts read x: any layout
+        return MoeLoraLinear(d_in, d_out, config, self._context).to(base_layer.weight.device)
 
 
 register_method(MethodInfo(
