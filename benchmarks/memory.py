@@ -30,6 +30,18 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
+def measure_peak(step) -> dict:
+    """RSS before and peak RSS during 3 calls of `step` after a warm-up call (the method in the docstring)."""
+    step()  # warm-up: lazily created state (caches, allocator arenas) exists before the measurement
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    for _ in range(3):
+        step()
+    return {"rss_before": before, "peak": _status("VmHWM")}
+
+
 def child(mode: str, r: int, batch: int, seq: int) -> dict:
     from common import base_model, input_grad_hook, make_adapted, setup_torch, token_batch, train_step
     setup_torch(2)
@@ -44,16 +56,7 @@ def child(mode: str, r: int, batch: int, seq: int) -> dict:
         model = make_adapted(base, lib, "dora" if "DoRA" in mode else "lora", r=r)
         input_grad_hook(model.get_base_model())
     model.train()
-    step = train_step(model, token_batch(batch, seq))
-    step()  # warm-up: lazily created state (caches, allocator arenas) exists before the measurement
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = _status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    for _ in range(3):
-        step()
-    peak = _status("VmHWM")
-    return {"mode": mode, "rss_before": before, "peak": peak}
+    return {"mode": mode, **measure_peak(train_step(model, token_batch(batch, seq)))}
 
 
 def main() -> None:

@@ -254,3 +254,14 @@ def test_smollm2_seq_cls_pads(smollm2):
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
     with pytest.raises(ValueError, match="num_labels"):
         models.load_model("smollm2-135m", task="seq-cls")
+
+
+@pytest.mark.parametrize("name", ["wordnet-hypernyms", "wordnet-noun-category"])
+def test_noun_generation_tasks_split_by_word(name):
+    from peftlab.train.tasks import get_task
+    task = get_task(name)
+    assert task.kind == "generation" and (len(task.eval), len(task.test)) == (200, 400)
+    words = {side: {r["prompt"] for r in task.split(side)} for side in ("train", "eval", "test")}
+    assert not (words["train"] & words["eval"]) and not (words["train"] & words["test"])
+    for r in task.train[:50]:
+        assert r["completion"][1:] in r["answers"] and r["prompt"].endswith("\nA:")

@@ -11,9 +11,9 @@ never an adapter's attributes, so it works for any method that implements the pr
 - sibling fusion (core/siblings.py): layers that read one input tensor train as one autograd node
   (functional.lowrank_group);
 - mixed-adapter batches (core/mixed.py): every row's adapter applied by two batched matmuls;
-- mixtures of experts: low-rank experts behind a router are computed from the same operands. An expert of
-  another kind (a parallel adapter, a prompt expert) is an ordinary `Adapter` whose `lowrank_operands` is None,
-  and the mixture computes it through its forward instead: one router can hold experts of different kinds.
+- (not a user of this protocol) the mixtures of experts keep their experts' factors stacked, (E, r, d), and
+  compute routed tokens with core/grouped.py's kernels; MoA's heterogeneous slots are parts of one adapter
+  per layer, each computed by that adapter's forward.
 
 `Adapter` (core/layer.py) declares both methods with the defaults "no low-rank form" and "never fused", so an
 adapter that says nothing is simply computed by its own forward.

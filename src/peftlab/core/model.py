@@ -63,6 +63,7 @@ class PeftModel(nn.Module):
         self.siblings = SiblingFusion()  # layers reading one input train as one node (core/siblings.py)
         self.peft_config: dict[str, PeftConfig] = peft_config
         self._active: list[str] = list(peft_config)
+        self.last_aux_losses: dict[str, torch.Tensor] = {}  # the last training forward's auxiliary losses
 
     @classmethod
     def over_injected(cls, model: nn.Module, peft_config: dict[str, PeftConfig]) -> "PeftModel":
@@ -233,15 +234,19 @@ class PeftModel(nn.Module):
 
     def forward(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
         args, kwargs = self._inputs_as_keywords(args, kwargs)
+        if not any(t.takes_task_ids for _, _, t in self._active_tuners()):
+            kwargs.pop("task_ids", None)  # task labels of the data: only a router that learns them reads them
         for name, cfg, tuner in self._active_tuners():
             kwargs = tuner.prepare_inputs(self.model, name, cfg, kwargs, generate=False)
         with self.siblings.forward_pass(self.model), self._mixed_batch(adapter_names):
             out = self.model(*args, **kwargs)
+        self.last_aux_losses = {}
         if self.training and getattr(out, "loss", None) is not None:
             for name, cfg, tuner in self._active_tuners():
                 extra = tuner.aux_loss(self.model, name, cfg)
                 if extra is not None:
                     out.loss = out.loss + extra
+                    self.last_aux_losses[name] = extra.detach()  # the training loop logs them
         return out
 
     def generate(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
@@ -343,6 +348,31 @@ class PeftModel(nn.Module):
         self.peft_config = {}
         self._active = []
         return model
+
+    # -- routing (mixtures of experts: Tuner.routes_tokens) -------------------------------------------------
+    def _routed(self):
+        for name, cfg in self.peft_config.items():
+            tuner = get_tuner(cfg.peft_type)
+            if tuner.routes_tokens:
+                yield name, tuner
+
+    def get_routing_stats(self) -> dict:
+        """{adapter: {group: {"mean_entropy", "mean_load", "layers": {router: {"tokens", "load", "entropy",
+        "max_entropy"}}}}} since the last reset; group "all" holds every token, others come from routing_group()."""
+        return {name: tuner.routing_stats(self.model, name) for name, tuner in self._routed()}
+
+    def reset_routing_stats(self) -> None:
+        for name, tuner in self._routed():
+            for ctx in tuner.routing_contexts(self.model, name):
+                ctx.reset_stats()
+
+    @contextlib.contextmanager
+    def routing_group(self, group: Optional[str]):
+        """Inside: routing statistics are also recorded under `group` (a task or label name)."""
+        from .routing import group_contexts
+        contexts = [c for name, tuner in self._routed() for c in tuner.routing_contexts(self.model, name)]
+        with group_contexts(contexts, group):
+            yield
 
     # -- parameters -------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

@@ -57,6 +57,12 @@ class Tuner:
     supports_weighted_combination = False
     # convert_to_plain: an adapter trained from a decomposed base (PiSSA, CorDA) as a plain one on the original
     converts_to_plain = False
+    # routes_tokens: a mixture whose routers record statistics (routing_stats, reset_routing_stats and
+    # routing_contexts are implemented; core/routing.py's RoutedLayerTuner does it for layer mixtures)
+    routes_tokens = False
+    # takes_task_ids: prepare_inputs consumes the forward's `task_ids` (per-row task labels, from data records'
+    # "expert" key: TT-LoRA MoE's router targets); for other tuners PeftModel drops them before the base model
+    takes_task_ids = False
 
     def inject(self, model: nn.Module, config, adapter_name: str) -> None:
         raise NotImplementedError
@@ -105,6 +111,14 @@ class Tuner:
         """An extra training loss (AdaLoRA's orthogonality, MoE load balancing), added to outputs.loss in
         forward so HF Trainer and any loop get it; None for most methods."""
         return None
+
+    def routing_stats(self, model: nn.Module, adapter_name: str) -> dict:
+        """Per statistics group and router: expert load and router entropy (only with routes_tokens)."""
+        raise NotImplementedError  # only reached when routes_tokens is True
+
+    def routing_contexts(self, model: nn.Module, adapter_name: str) -> list:
+        """The core.routing.RoutingContext objects of this adapter's routers (only with routes_tokens)."""
+        raise NotImplementedError  # only reached when routes_tokens is True
 
     def on_step_end(self, model: nn.Module, adapter_name: str, config, step: int) -> None:
         """Called after backward, before the gradients are zeroed (AdaLoRA's budget update, Child-tuning's

@@ -4,7 +4,8 @@ Three record formats, one per file (docs/DESIGN.md, "The command line"):
   {"prompt": str, "completion": str}   causal LM; the loss is on the completion (and the EOS that ends it)
   {"text": str}                        causal LM; the loss is on every token
   {"text": str, "label": str|int}      classification; the label names are saved beside the adapter (labels.json)
-Extra keys are kept on the record (e.g. "answers": every accepted completion, used by exact-match scoring).
+Extra keys are kept on the record (e.g. "answers": every accepted completion, used by exact-match scoring;
+"expert": the index of the record's task, which a TT-LoRA MoE router is trained to predict, batched as task_ids).
 """
 from __future__ import annotations
 
@@ -167,12 +168,23 @@ def encode_causal(records: Sequence[dict], tokenizer, max_length: int = 512, cha
             if len(c) >= max_length:
                 raise DataError(f"{where(records, i)}: the completion is {len(c)} tokens, more than max_length={max_length}")
             p = p[max(0, len(p) + len(c) - max_length):]
-            out.append({"input_ids": p + c, "labels": [-100] * len(p) + c})
+            out.append({"input_ids": p + c, "labels": [-100] * len(p) + c, **_expert(records, i)})
         else:
             ids = tokenizer(rec["text"])["input_ids"] + ([eos] if eos is not None else [])
             ids = ids[:max_length]
-            out.append({"input_ids": ids, "labels": list(ids)})
+            out.append({"input_ids": ids, "labels": list(ids), **_expert(records, i)})
     return out
+
+
+def _expert(records: Sequence[dict], i: int) -> dict:
+    """{"task_id": n} for a record with an "expert" key (the task label a TT-LoRA MoE router learns), else {}."""
+    if "expert" not in records[i]:
+        return {}
+    e = records[i]["expert"]
+    if not isinstance(e, int) or isinstance(e, bool) or e < 0:
+        raise DataError(f"{where(records, i)}: \"expert\" must be the index (0, 1, ...) of the record's task "
+                        f"expert, got {e!r}")
+    return {"task_id": e}
 
 
 def encode_classification(records: Sequence[dict], tokenizer, names: Sequence[str], max_length: int = 512) -> list[dict]:
@@ -184,7 +196,7 @@ def encode_classification(records: Sequence[dict], tokenizer, names: Sequence[st
             raise DataError(f"{where(records, i)}: label {label!r} is not one of the {len(names)} training labels "
                             f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})")
         ids = tokenizer(rec["text"], truncation=True, max_length=max_length)["input_ids"]
-        out.append({"input_ids": ids, "labels": index[label]})
+        out.append({"input_ids": ids, "labels": index[label], **_expert(records, i)})
     return out
 
 
@@ -222,6 +234,8 @@ class Collator:
         batch["labels"] = labels if seq_labels else torch.tensor([e["labels"] for e in examples], dtype=torch.long)
         if self.position_ids and seq_labels:
             batch["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
+        if "task_id" in examples[0]:  # records' "expert" labels: TT-LoRA MoE's router consumes them
+            batch["task_ids"] = torch.tensor([e["task_id"] for e in examples], dtype=torch.long)
         return batch
 
 

@@ -140,6 +140,7 @@ class TrainState:
     window: list = field(default_factory=list)   # losses since the last log line
     win_tokens: int = 0
     win_t: float = 0.0
+    aux_window: list = field(default_factory=list)   # auxiliary losses (MoE balance) since the last log line
     evals: list = field(default_factory=list)
 
     @property
@@ -250,6 +251,8 @@ def micro_step(state: TrainState, m: int) -> tuple[float, int]:
     with sync:
         with state.autocast:
             loss = state.net(**batch).loss
+        if isinstance(state.model, PeftModel) and state.model.last_aux_losses:
+            state.aux_window.append(sum(float(v) for v in state.model.last_aux_losses.values()))
         if loss is None:
             raise ValueError("the model returned no loss; the batches need labels")
         bad = _any(dist, not bool(torch.isfinite(loss.detach())), state.device)
@@ -335,6 +338,24 @@ def evaluate(state: TrainState) -> dict:
     return rec
 
 
+def _routing_record(state: TrainState) -> dict:
+    """Mixtures: the auxiliary loss (already inside "loss") and each adapter's routing since the last log line:
+    mean router entropy and the most loaded slot's share (averaged over layers); the statistics are then reset."""
+    rec: dict = {}
+    if state.aux_window:
+        rec["aux_loss"] = sum(state.aux_window) / len(state.aux_window)   # per micro-batch
+        state.aux_window = []
+    if isinstance(state.model, PeftModel):
+        stats = state.model.get_routing_stats()
+        routing = {name: {"entropy": g["all"]["mean_entropy"],
+                          "max_load": max(g["all"]["mean_load"]) if g["all"]["mean_load"] else None}
+                   for name, g in stats.items() if "all" in g}
+        if routing:
+            rec["routing"] = routing
+            state.model.reset_routing_stats()
+    return rec
+
+
 def after_step(state: TrainState, lr_now: float, signals: _Signals, bar) -> None:
     """The cadences: a log line every log_every steps, evaluation every eval_every, a checkpoint every
     save_every; and a checkpoint then TrainingInterrupted when SIGINT/SIGTERM arrived on any process."""
@@ -345,6 +366,7 @@ def after_step(state: TrainState, lr_now: float, signals: _Signals, bar) -> None
         rec = {"step": step, "epoch": round(state.stream.epoch, 4), "loss": sum(state.window) / len(state.window),
                "lr": lr_now, "grad_norm": state.grad_norm, "tokens_per_s": tps,
                "elapsed_s": state.elapsed0 + now - state.t0}
+        rec.update(_routing_record(state))
         log(state, rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tps:.0f}")
         state.window, state.win_tokens, state.win_t = [], 0, now

@@ -5,6 +5,10 @@
                        prompt word) appears in two splits.
   wordnet-supersense   classification: a noun's gloss -> its lexicographer category (26 classes, noun.animal,
                        ...); accuracy and macro-F1; at most 300 training glosses per category.
+  wordnet-hypernyms    generation: 'Q: What is "X" a kind of?\\nA:' -> a one-word hypernym of a sense of the noun X;
+                       exact match against all of them; one record per word, split at random by word.
+  wordnet-noun-category  generation: 'Q: What kind of thing is "X"?\\nA:' -> the lexicographer category of a noun
+                       whose senses all share one (animal, artifact, ...; 25 classes); exact match.
   wordnet-definitions  multiple choice: 'Q: Which word means "<verb gloss>"?\\nA:' with 4 one-word verbs;
                        accuracy (chance 25%). Trained by no other task (antonyms are adjectives, supersense
                        uses noun glosses): the untrained task of the forgetting probe.
@@ -18,7 +22,8 @@ from typing import Optional
 
 from . import wordnet
 
-TASKS = ("wordnet-antonyms", "wordnet-supersense", "wordnet-definitions")
+TASKS = ("wordnet-antonyms", "wordnet-supersense", "wordnet-definitions", "wordnet-hypernyms",
+         "wordnet-noun-category")
 DEFINITION_PROMPT = 'Q: Which word means "{gloss}"?\nA:'
 
 
@@ -75,6 +80,13 @@ def _build(name: str, seed: int) -> Task:
         s = wordnet.split_supersense(seed=seed, n_eval=1000, n_test=2000, max_train_per_label=300)
         return Task(name, "classification", "noun gloss -> lexicographer category (26 classes)", s["train"],
                     s["eval"], s["test"], labels=sorted(wordnet.NOUN_SUPERSENSES), metrics=("accuracy", "macro_f1"))
+    if name in ("wordnet-hypernyms", "wordnet-noun-category"):
+        hyper = name == "wordnet-hypernyms"
+        s = wordnet.split_records(wordnet.hypernym_records() if hyper else wordnet.noun_category_records(), seed,
+                                  n_eval=200, n_test=400, max_train=3000)
+        return Task(name, "generation", "noun -> a one-word hypernym, exact match on held-out words" if hyper else
+                    "noun -> its WordNet category (25), exact match on held-out words", s["train"], s["eval"],
+                    s["test"], metrics=("exact_match",), max_new_tokens=6)
     if name == "wordnet-definitions":
         records = definition_questions(seed)
         return Task(name, "multiple-choice", "verb gloss -> the verb, 4 choices (chance 25%)", records[600:],

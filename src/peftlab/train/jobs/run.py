@@ -22,7 +22,7 @@ from ...core.registry import MethodInfo, get_method
 from .. import loop as L
 from ..metrics import forgetting_change
 from .config import JobConfig, JobError
-from .evaluate import Evaluator, Say, fmt_metrics, forgetting_probe, quiet
+from .evaluate import Evaluator, Say, fmt_metrics, forgetting_probe, quiet, routed_evaluation
 from .inputs import QUANT_OPTIONS, JobData, device, encode, load_base, load_data, output_dir, pick_eval_records
 from .methods import calibrate, method_config
 
@@ -221,10 +221,12 @@ def run_prepared(job: PreparedJob, say: Say = quiet) -> dict:
         say(f"before training: {fmt_metrics(before['eval'])}")
     barrier()
     result = _train(job, evaluate)
-    after = evaluate(job.model)
+    after, routing = routed_evaluation(evaluate, job.model, job.data.name)
     say(f"after training:  {fmt_metrics(after)}" if job.eval_records else
         "after training:  no held-out data to evaluate on (give --eval-data FILE.jsonl)")
     summary = _summary(job, result, before, after)
+    if routing:
+        summary["routing"] = routing
     summary["forgetting"] = _forgetting(job, probe, before, say)
     summary["saved"] = str(save_result(job))
     summary["wall_s"] = time.time() - job.started
