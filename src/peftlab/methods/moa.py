@@ -28,8 +28,10 @@ import torch.nn.functional as F
 
 from ..core.config import PeftConfig
 from ..core.layer import AdaptedLayer
+from ..core.quantized import dense_weight
 from ..core.registry import MethodInfo, register_method, register_tuner
 from ..core.routing import RoutedAdapter, RoutedLayerTuner, RoutingContext, RoutingRecorder
+from ..core.targets import linear_features
 from ..core.tuner import set_submodule
 from ..hf.modules import LLAMA_LIKE, block_modules, layout_of
 
@@ -198,7 +200,7 @@ class MoaSite(RoutedAdapter):
         if self.prompt is not None:                       # attention ← attention + prompt: through W_o too
             p = block.weight("prompt").unsqueeze(-1) * self._prompt(block.query.reshape(h.shape))
             h = h + p.to(h.dtype)
-            out = out + F.linear(p.to(out.dtype), base_layer.weight)
+            out = out + F.linear(p.to(out.dtype), dense_weight(base_layer).to(out.dtype))  # a 4-bit W: dequantised
         if self.lora_A is not None:
             out = weighted_rows(lambda t: (t.to(self.lora_A.dtype) @ self.lora_A.t()) @ self.lora_B.t() * self.scale,
                                 h, block.weight(self.site), out, sparse)
@@ -231,16 +233,16 @@ class MoaTuner(RoutedLayerTuner):
             kv = (self._base(model, prefix + BLOCK_SITES["k_proj"]), self._base(model, prefix + BLOCK_SITES["v_proj"]))
             for s in sorted(sites):
                 layer = self._wrapped(model, prefix + BLOCK_SITES[s])
-                w = layer.base_layer.weight
+                d_in, d_out, _ = linear_features("MoA", layer.base_layer, prefix + BLOCK_SITES[s])
                 parts: dict = {}
                 if s == "q_proj":
-                    parts["router"] = MoaRouter(w.shape[1], len(slots), config, context)
+                    parts["router"] = MoaRouter(d_in, len(slots), config, context)
                 if s == "down_proj":
-                    parts["adapter_dim"] = w.shape[0]
+                    parts["adapter_dim"] = d_out
                 if s == "o_proj" and config.prompt_on:
                     parts.update(prompt_kv=kv, heads=heads, prompt_dim=cfg_model.hidden_size)
-                site = MoaSite(s, w.shape[1], w.shape[0], block, config, context, **parts)
-                layer.add(adapter_name, site.to(w.device))
+                site = MoaSite(s, d_in, d_out, block, config, context, **parts)
+                layer.add(adapter_name, site.to(layer.base_layer.weight.device))
 
     @staticmethod
     def _base(model, name):
