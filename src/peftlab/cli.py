@@ -14,18 +14,17 @@ import argparse
 import json
 import os
 import sys
+import time
+from typing import Optional
 
 if sys.argv[1:2] == ["bench"]:
     # The bench times with CPU time; OpenMP threads spinning at barriers would count as work. Only effective
     # before torch loads (the imports below load it), and only for the bench: training keeps OpenMP's default.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import time
-from pathlib import Path
-from typing import Optional
 
 from .cli_options import COMMON, CONFIGS, OWN_CONFIG, TABLES
 from .train.jobs import EvalConfig, JobConfig, JobError, MergeConfig, run_eval, run_job, run_merge
-from .train.jobs.config import check_keys, option_key
+from .train.jobs.config import check_keys, option_key, read_yaml_mapping
 from .train.jobs.run import jsonable
 
 EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -90,16 +89,10 @@ def resolve(command: str, ns: argparse.Namespace) -> dict:
 
 
 def _read_yaml(path: str, known: set[str]) -> dict:
-    import yaml
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--config {path}: no such file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UsageError(f"--config {path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"--config {path}: expected a mapping of flag names to values")
+        data = read_yaml_mapping(path, "flag names")
+    except JobError as e:
+        raise UsageError(str(e)) from None
     try:
         return check_keys(data, known)
     except JobError as e:

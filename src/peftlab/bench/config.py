@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..train.jobs.config import JobError, check_keys
+from ..train.jobs.config import JobError, check_keys, read_yaml_mapping
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -67,7 +67,6 @@ def shipped_configs() -> list[str]:
 
 def load_bench_config(name_or_path: str) -> BenchConfig:
     """A shipped configuration by name, or a YAML file by path."""
-    import yaml
     path = Path(name_or_path)
     if not path.is_file():
         path = CONFIG_DIR / f"{name_or_path}.yaml"
@@ -76,13 +75,7 @@ def load_bench_config(name_or_path: str) -> BenchConfig:
         hint = f" Did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
         raise JobError(f"--config {name_or_path}: no such file and no shipped bench config of that name.{hint} "
                        f"Shipped: {', '.join(shipped_configs())}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise JobError(f"--config {path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise JobError(f"--config {path}: expected a mapping of bench keys to values")
-    return BenchConfig.from_dict(data, name=path.stem)
+    return BenchConfig.from_dict(read_yaml_mapping(path, "bench keys"), name=path.stem)
 
 
 def select_methods(config: BenchConfig, requested: Optional[list[str]] = None) -> list[str]:
