@@ -177,7 +177,8 @@ def cmd_merge(o: dict, out: Out) -> dict:
 
 def cmd_bench(o: dict, out: Out) -> dict:
     _quiet()
-    from .bench import load_bench_config, run_bench, write_reports
+    from .bench import load_bench_config, run_bench
+    from .bench.report import report_paths
     if not o.get("config"):
         raise UsageError("bench needs --config NAME|FILE (shipped: survey-table, causal-lm)")
     config = load_bench_config(o["config"])
@@ -186,8 +187,8 @@ def cmd_bench(o: dict, out: Out) -> dict:
     results = run_bench(config, output, methods=methods, resume=bool(o.get("resume")), seeds=o.get("seeds"),
                         say=out.say, progress=o.get("progress") is not False,
                         command="peftlab " + " ".join(sys.argv[1:]))
-    paths = write_reports(results, output)
-    out.say("wrote " + ", ".join(str(p) for p in paths.values()))
+    paths = report_paths(output)
+    out.say("wrote " + ", ".join(paths.values()))
     return {"outputs": paths, "rows": results["rows"]}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 from typing import Callable, Optional
 
+from .results import RESULTS_FILE
 from .table import CATEGORY_ORDER, markdown_table
 
 COLORS = dict(zip(CATEGORY_ORDER, ("#222222", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#ff7f0e")))
@@ -113,12 +114,16 @@ updated {html.escape(str(results.get('updated', '')))}.</p>
 """
 
 
+def report_paths(output) -> dict:
+    from pathlib import Path
+    out = Path(output)
+    return {"results": str(out / RESULTS_FILE), "table": str(out / "table.md"), "report": str(out / "report.html")}
+
+
 def write_reports(results: dict, output) -> dict:
     """table.md and report.html beside results.json; their paths by name."""
-    from pathlib import Path
     from ..core.io import atomic_write_text
-    out = Path(output)
-    paths = {"results": str(out / "results.json"), "table": str(out / "table.md"), "report": str(out / "report.html")}
+    paths = report_paths(output)
     atomic_write_text(paths["table"], markdown_table(results))
     atomic_write_text(paths["report"], html_report(results))
     return paths

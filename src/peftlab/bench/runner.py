@@ -22,6 +22,7 @@ from ..train.metrics import forgetting_change
 from . import measure
 from .config import BenchConfig, select_methods
 from .forgetting import Probe
+from .report import write_reports
 from .results import RESULTS_FILE, cell_key, load_results, new_results, save_results
 
 SCORES = {"generation": "exact_match", "classification": "accuracy", "multiple-choice": "accuracy"}
@@ -119,7 +120,8 @@ def machine() -> dict:
 
 def run_bench(bc: BenchConfig, output: str | Path, methods: Optional[list[str]] = None, resume: bool = False,
               seeds: Optional[int] = None, say: Say = quiet, progress: bool = True, command: str = "") -> dict:
-    """Run the grid methods × seeds; returns the results dict also written to OUTPUT/results.json."""
+    """Run the grid methods × seeds; returns the results dict. OUTPUT/results.json, table.md and report.html are
+    rewritten after every cell."""
     from tqdm.auto import tqdm
     if seeds is not None:
         bc = dataclasses.replace(bc, seeds=seeds)
@@ -140,6 +142,7 @@ def run_bench(bc: BenchConfig, output: str | Path, methods: Optional[list[str]] 
         f"{bc.steps} steps x {bc.batch_size}; {len(cells) - len(todo)} cells done, {len(todo)} to run -> {out}")
     if not todo:
         save_results(path, results)
+        write_reports(results, out)
         return results
     ctx = build_context(bc, results)
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"bench {bc.name}", unit="cell",
@@ -161,6 +164,7 @@ def run_bench(bc: BenchConfig, output: str | Path, methods: Optional[list[str]] 
         results["cells"][cell_key(method, seed)] = cell
         results["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         save_results(path, results)
+        write_reports(results, out)  # table and report of the cells so far: an interrupted bench still has them
         shutil.rmtree(workdir, ignore_errors=True)  # adapters were measured; full fine-tuning's is a whole model
         say(_cell_line(cell))
         bar.update(1)
