@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import platform
 import shutil
 import time
@@ -110,10 +111,18 @@ def measure_cell(ctx: Context, method: str, seed: int, workdir: Path) -> dict:
             "train_loss_first": summary["train_loss_first"], "train_loss_last": summary["train_loss_last"]}
 
 
+def _cpu_model() -> str:
+    try:  # platform.processor() says only "x86_64" on Linux
+        text = Path("/proc/cpuinfo").read_text()
+        return next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     import transformers
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"platform": platform.platform(), "processor": _cpu_model(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
@@ -161,6 +170,8 @@ def run_bench(bc: BenchConfig, output: str | Path, methods: Optional[list[str]] 
                     "error": f"{type(e).__name__}: {e}".splitlines()[0][:500],
                     "traceback": traceback.format_exc(limit=4)[-2000:]}
         cell["wall_s"] = time.time() - t
+        # the machine's load while the cell ran: wall times stretch with it, the CPU-time ratios much less
+        cell["load_avg"] = round(os.getloadavg()[1], 2)
         results["cells"][cell_key(method, seed)] = cell
         results["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         save_results(path, results)
