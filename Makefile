@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test data clean
+.PHONY: setup demo test data browser clean
 
 setup: $(VENV)/.installed
 
@@ -17,10 +17,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 data: setup
 	PYTHON=$(PY) bash scripts/install_data.sh smollm2-135m minilm-l6
 
+# headless Chromium from Debian's packages, for the test that opens the bench's HTML report
+browser:
+	bash scripts/install_browser.sh
+
 demo: data
 	$(PY) -m peftlab.demo
 
-test: data
+test: data browser
 	$(PY) -m pytest
 
 clean:

@@ -1,7 +1,8 @@
-"""The `peftlab` command line: methods, models, train, eval, merge (docs/DESIGN.md, "The command line").
+"""The `peftlab` command line: methods, models, train, eval, merge, bench, advise (docs/DESIGN.md, "The command line").
 
 Argument parsing and output only: train, eval and merge are the job layer's run_job, run_eval and run_merge
-(train/jobs/), whose option dataclasses give every default here. Every command takes --json (its metrics as one
+(train/jobs/), whose option dataclasses give every default here; bench and advise are peftlab.bench's run_bench
+and advise (docs/BENCH.md). Every command takes --json (its metrics as one
 JSON object on the last line of stdout; human-readable lines go to stderr then) and --config FILE.yaml, whose keys
 mirror the long flags (`batch-size: 16` or `batch_size: 16`; flags given on the command line win). Exit codes:
 0 done, 1 error, 2 usage error, 3 training diverged (NaN/inf), 130 interrupted (a checkpoint was written; continue
@@ -14,11 +15,16 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Optional
 
+if sys.argv[1:2] == ["bench"]:
+    # The bench times with CPU time; OpenMP threads spinning at barriers would count as work. Only effective
+    # before torch loads (the imports below load it), and only for the bench: training keeps OpenMP's default.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .cli_options import COMMON, CONFIGS, OWN_CONFIG, TABLES
 from .train.jobs import EvalConfig, JobConfig, JobError, MergeConfig, run_eval, run_job, run_merge
-from .train.jobs.config import check_keys, option_key
+from .train.jobs.config import check_keys, option_key, read_yaml_mapping
 from .train.jobs.run import jsonable
 
 EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -28,96 +34,17 @@ class UsageError(Exception):
     """A command line used wrongly (the job layer's own such errors are JobError); exit code 2."""
 
 
-# -- option tables: flags and help; defaults and YAML keys come from the job layer's option dataclasses ----------
-def _opt(*flags, **kw):
-    return flags, kw
-
-
-COMMON = [
-    _opt("--config", help="YAML file whose keys mirror these flags"),
-    _opt("--json", action="store_true", help="print the metrics as one JSON object on the last line"),
-]
-MODEL = [
-    _opt("--model", help="embedded model name (smollm2-135m, minilm-l6) or a local Hugging Face model directory"),
-    _opt("--device", help="auto (CUDA if available), cpu, cuda, cuda:N"),
-    _opt("--seed", type=int),
-    _opt("--quantize", choices=["nf4", "fp4", "int8"],
-         help="load the base quantised by bitsandbytes (QLoRA; eval/merge of a train run default to the run's)"),
-    _opt("--double-quant", action=argparse.BooleanOptionalAction,
-         help="4-bit: quantise the block scales as well (default on)"),
-    _opt("--compute-dtype", choices=["float32", "bfloat16", "float16"], help="4-bit layers' matmul dtype"),
-]
-DATA = [
-    _opt("--task", help="built-in task: wordnet-antonyms, wordnet-supersense, wordnet-definitions"),
-    _opt("--data", help='JSONL file: {"prompt","completion"}, {"text"} or {"text","label"} per line'),
-    _opt("--max-length", type=int, help="tokens per example"),
-    _opt("--chat-template", action=argparse.BooleanOptionalAction,
-         help="wrap prompts in the model's chat template (instruct models)"),
-    _opt("--eval-size", type=int, help="held-out examples to evaluate: a fixed sample of N, 0 = all (default: a "
-         "built-in task's fixed sample of 200; a data file whole)"),
-    _opt("--max-new-tokens", type=int, help="generation length for exact-match scoring"),
-    _opt("--eval-batch-size", type=int),
-]
-TRAIN = [
-    _opt("--method", help="registry name (peftlab methods)"),
-    _opt("--eval-data", help="held-out JSONL of the same format as --data"),
-    _opt("--output", help="run directory (adapter/, checkpoints/, metrics.jsonl, run.json)"),
-    _opt("--steps", type=int, help="optimizer steps"),
-    _opt("--epochs", type=float, help="passes over the training data (default 1 if --steps is not given)"),
-    _opt("--lr", type=float, help="learning rate (default: the method's, see `peftlab methods --json`)"),
-    _opt("--batch-size", type=int, help="examples per optimizer step"),
-    _opt("--grad-accum", type=int, help="micro-batches per step (batch-size is split into them)"),
-    _opt("--r", type=int, help="rank, for methods that have one (sets the method's own rank field)"),
-    _opt("--alpha", type=float, help="scaling numerator, for methods that have one"),
-    _opt("--dropout", type=float, help="adapter dropout, for methods that have one"),
-    _opt("--target-modules", help='comma-separated module names, a regex, or "all-linear"'),
-    _opt("--set", action="append", metavar="FIELD=VALUE", help="any method config field (repeatable)"),
-    _opt("--schedule", choices=["cosine", "linear", "constant"]),
-    _opt("--warmup", type=int, help="warmup steps (default 5%% of the steps)"),
-    _opt("--weight-decay", type=float),
-    _opt("--max-grad-norm", type=float),
-    _opt("--precision", choices=["auto", "fp32", "bf16", "fp16"]),
-    _opt("--gradient-checkpointing", action="store_true"),
-    _opt("--eval-every", type=int, help="evaluate every N steps"),
-    _opt("--save-every", type=int, help="checkpoint every N steps (also at the end and on SIGINT/TERM)"),
-    _opt("--keep-checkpoints", type=int, metavar="N",
-         help="keep the newest N checkpoints, 0 = all (like Trainer's save_total_limit; the newest and the one with "
-              "the best eval_loss are never removed)"),
-    _opt("--log-every", type=int),
-    _opt("--resume", action="store_true", help="continue from the newest checkpoint in --output"),
-    _opt("--nproc", type=int, help="processes (data parallel)"),
-    _opt("--eval-before", action=argparse.BooleanOptionalAction, help="evaluate the task before training too"),
-    _opt("--forgetting", action=argparse.BooleanOptionalAction,
-         help="measure general-English perplexity and an untrained task before and after training"),
-    _opt("--forgetting-size", type=int, help="questions of the untrained task in the forgetting probe"),
-    _opt("--progress", action=argparse.BooleanOptionalAction),
-]
-EVAL = [
-    _opt("--adapter", help="adapter directory, or a train run's --output (its adapter/); omit for the base model"),
-    _opt("--split", choices=["eval", "test"], help="built-in tasks: which held-out split"),
-    _opt("--few-shot", type=int, help="generation tasks: k training examples before each prompt"),
-    _opt("--forgetting", action=argparse.BooleanOptionalAction,
-         help="also run the forgetting probe (general-English perplexity, untrained task)"),
-    _opt("--forgetting-size", type=int),
-]
-MERGE = [
-    _opt("--adapter", help="adapter directory, or a train run's --output (its adapter/)"),
-    _opt("--output", help="directory for the merged Transformers model"),
-    _opt("--requantize", action="store_true",
-         help="quantised base: quantise the merged weights again (default: save them dense)"),
-]
-TABLES = {"train": MODEL + DATA + TRAIN, "eval": MODEL + DATA + EVAL, "merge": MODEL + MERGE, "methods": [],
-          "models": []}
-CONFIGS = {"train": JobConfig, "eval": EvalConfig, "merge": MergeConfig}  # each table's fields, with defaults
-
-
 def _dest(flags) -> str:
     return option_key(flags[0])
 
 
+def _table(command: str) -> list:
+    return TABLES[command] if command in OWN_CONFIG else COMMON + TABLES[command]
+
+
 def defaults(command: str) -> dict:
     """Every option of the command -> its default (None: not set)."""
-    out = {_dest(f): None for f, _ in COMMON + TABLES[command]}
+    out = {_dest(f): None for f, _ in _table(command)}
     out["json"] = False
     if command in CONFIGS:
         out.update(CONFIGS[command].fields())
@@ -133,15 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     helps = {"methods": "list the registered methods", "models": "list the embedded models, or fetch one",
              "train": "fine-tune a model with a method on a task or JSONL data",
              "eval": "evaluate a model (with an adapter) on a task or JSONL data",
-             "merge": "merge an adapter into its base model and save a plain Transformers model"}
-    for name in ("methods", "models", "train", "eval", "merge"):
+             "merge": "merge an adapter into its base model and save a plain Transformers model",
+             "bench": "run methods side by side on one model, task and budget; write results, table and report",
+             "advise": "rank methods for a model and constraints from measured bench results"}
+    for name in helps:
         sp = sub.add_parser(name, help=helps[name], description=helps[name])
         if name == "models":
             sp.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
             sp.add_argument("name", nargs="?", help="model to fetch")
             sp.add_argument("--force", action="store_true", help="fetch again even if cached")
         shown = defaults(name)
-        for flags, kw in COMMON + TABLES[name]:
+        for flags, kw in _table(name):
             kw, default = dict(kw), shown[_dest(flags)]
             if default is not None and "help" in kw and kw.get("action") != "store_true":
                 kw["help"] += f" (default: {default})"
@@ -153,23 +82,17 @@ def resolve(command: str, ns: argparse.Namespace) -> dict:
     """Defaults < YAML --config < flags given on the command line."""
     opts = defaults(command)
     given = {k: v for k, v in vars(ns).items() if v is not None}
-    if given.get("config"):
+    if given.get("config") and command not in OWN_CONFIG:
         opts.update(_read_yaml(given["config"], set(opts) - {"config"}))
     opts.update({k: v for k, v in given.items() if k != "command"})
     return opts
 
 
 def _read_yaml(path: str, known: set[str]) -> dict:
-    import yaml
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--config {path}: no such file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UsageError(f"--config {path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"--config {path}: expected a mapping of flag names to values")
+        data = read_yaml_mapping(path, "flag names")
+    except JobError as e:
+        raise UsageError(str(e)) from None
     try:
         return check_keys(data, known)
     except JobError as e:
@@ -252,6 +175,35 @@ def cmd_merge(o: dict, out: Out) -> dict:
     return run_merge(MergeConfig.from_dict(_options(o)), say=out.say)
 
 
+def cmd_bench(o: dict, out: Out) -> dict:
+    _quiet()
+    from .bench import load_bench_config, run_bench
+    from .bench.report import report_paths
+    if not o.get("config"):
+        raise UsageError("bench needs --config NAME|FILE (shipped: survey-table, causal-lm)")
+    config = load_bench_config(o["config"])
+    methods = [m.strip() for m in o["methods"].split(",") if m.strip()] if o.get("methods") else None
+    output = o.get("output") or f"bench-runs/{config.name}"
+    results = run_bench(config, output, methods=methods, resume=bool(o.get("resume")), seeds=o.get("seeds"),
+                        say=out.say, progress=o.get("progress") is not False,
+                        command="peftlab " + " ".join(sys.argv[1:]))
+    paths = report_paths(output)
+    out.say("wrote " + ", ".join(paths.values()))
+    return {"outputs": paths, "rows": results["rows"]}
+
+
+def cmd_advise(o: dict, out: Out) -> dict:
+    from .bench.advise import advise, format_advice
+    if not o.get("model") or o.get("memory_gb") is None:
+        raise UsageError("advise needs --model M and --memory-gb N")
+    advice = advise(o["model"], o["memory_gb"], latency_critical=bool(o.get("latency_critical")),
+                    tasks=o.get("tasks") or 1, continual=bool(o.get("continual")),
+                    keep_knowledge=bool(o.get("keep_knowledge")), results=o.get("results"), top=o.get("top") or 5)
+    for line in format_advice(advice):
+        out.say(line)
+    return advice
+
+
 def _launch(nproc: int, argv: list[str]) -> int:
     """Run this same command as `nproc` processes under torch.distributed.run (gloo on CPU, NCCL on GPUs)."""
     import subprocess
@@ -264,7 +216,8 @@ def _launch(nproc: int, argv: list[str]) -> int:
     return subprocess.call(cmd, env=env)
 
 
-COMMANDS = {"methods": cmd_methods, "models": cmd_models, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge}
+COMMANDS = {"methods": cmd_methods, "models": cmd_models, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge,
+            "bench": cmd_bench, "advise": cmd_advise}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Union
 
 
@@ -33,6 +34,21 @@ def check_keys(d: dict, known: set[str]) -> dict:
                            + f"; keys mirror the flags: {', '.join(sorted(known))}")
         out[key] = v
     return out
+
+
+def read_yaml_mapping(path: Any, what: str) -> dict:
+    """A --config YAML file holding one mapping (of `what`: flag names, bench keys) -> that mapping."""
+    import yaml
+    p = Path(path)
+    if not p.is_file():
+        raise JobError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise JobError(f"--config {path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise JobError(f"--config {path}: expected a mapping of {what} to values")
+    return data
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
