@@ -245,6 +245,25 @@ def quantization_config(quantize: str, double_quant: bool = True, compute_dtype:
                               llm_int8_skip_modules=skip_modules)
 
 
+@torch.no_grad()
+def _release_checkpoint_mapping(model) -> None:
+    """transformers maps the safetensors checkpoint, and the tensors it did not quantise (embeddings, norms, the
+    head) stay views into that mapping. Quantising read every page of the fp32 file once, so the whole file then
+    stays resident beside its 4-bit copy (+0.32 GB on SmolLM2-135M, measured); copying those few tensors out
+    releases the mapping. Tied weights stay tied: each Parameter object is given new storage once."""
+    done = set()
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for name, t in tensors.items():
+                if t is None or not t.is_floating_point() or id(t) in done:
+                    continue
+                done.add(id(t))
+                if isinstance(t, torch.nn.Parameter):
+                    t.data = t.data.clone()
+                else:
+                    tensors[name] = t.clone()
+
+
 def load_model(name_or_path: str, task: str | None = None, num_labels: int | None = None,
                dtype: torch.dtype = torch.float32, quantize: str | None = None, double_quant: bool = True,
                compute_dtype: torch.dtype | None = None, device: torch.device | str | None = None):
@@ -291,6 +310,7 @@ def load_model(name_or_path: str, task: str | None = None, num_labels: int | Non
     if quantize is not None:
         from .core.quantized import keep_canonical_layout
         keep_canonical_layout(model)
+        _release_checkpoint_mapping(model)
     if getattr(model.config, "pad_token_id", None) is None or task == "seq-cls":
         model.config.pad_token_id = tok.pad_token_id
     return model, tok
