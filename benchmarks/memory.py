@@ -39,7 +39,18 @@ def measure_peak(step) -> dict:
         f.write("5")
     for _ in range(3):
         step()
-    return {"rss_before": before, "peak": _status("VmHWM")}
+    return {"rss_before": before, "peak": _status("VmHWM"), "rss_file": _status("RssFile")}
+
+
+def run_child(script: str, mode: str, *flags) -> dict:
+    """`script --child MODE flags...` in a fresh process; the dict it printed on its RESULT line."""
+    out = subprocess.run([sys.executable, script, "--child", mode, *map(str, flags)], capture_output=True, text=True)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not line:
+        print(out.stderr[-2000:], file=sys.stderr)
+        raise SystemExit(f"{mode}: child failed")
+    print(f"  {mode}: done", file=sys.stderr, flush=True)
+    return json.loads(line[0][7:])
 
 
 def child(mode: str, r: int, batch: int, seq: int) -> dict:
@@ -72,15 +83,7 @@ def main() -> None:
         return
     rows = {}
     for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--child", mode, "--r", str(args.r), "--batch", str(args.batch),
-               "--seq", str(args.seq)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        if not line:
-            print(out.stderr[-2000:], file=sys.stderr)
-            raise SystemExit(f"{mode}: child failed")
-        rows[mode] = json.loads(line[0][7:])
-        print(f"  {mode}: done", file=sys.stderr, flush=True)
+        rows[mode] = run_child(__file__, mode, "--r", args.r, "--batch", args.batch, "--seq", args.seq)
     gb = 1024 ** 3
     print(f"\nPeak memory of a training step (batch {args.batch}x{args.seq}, r={args.r} all-linear, fp32), "
           f"one subprocess per mode")

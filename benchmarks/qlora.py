@@ -12,15 +12,14 @@ Run: .venv/bin/python benchmarks/qlora.py [--rounds 6] [--skip-memory] [--skip-t
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import (env_line, input_grad_hook, interleaved, make_adapted, print_table, setup_torch,  # noqa: E402
                     token_batch, train_step)
+from memory import measure_peak, run_child  # noqa: E402
 
 MODES = ["peftlab LoRA (fp32 base)", "peftlab QLoRA (nf4)", "HF PEFT QLoRA (nf4)"]
 
@@ -55,38 +54,15 @@ def build(mode: str, r: int, bases: dict):
     return model.train()
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def child(mode: str, r: int, batch: int, seq: int) -> dict:
     setup_torch(2)
-    step = train_step(build(mode, r, {}), token_batch(batch, seq))
-    step()  # warm-up
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = _status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    for _ in range(3):
-        step()
-    return {"rss_before": before, "peak": _status("VmHWM"), "rss_file": _status("RssFile")}
+    return measure_peak(train_step(build(mode, r, {}), token_batch(batch, seq)))
 
 
 def memory_table(r: int, batch: int, seq: int) -> None:
     rows = {}
     for mode in MODES:
-        cmd = [sys.executable, __file__, "--child", mode, "--r", str(r), "--batch", str(batch), "--seq", str(seq)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        if not line:
-            print(out.stderr[-2000:], file=sys.stderr)
-            raise SystemExit(f"{mode}: child failed")
-        rows[mode] = json.loads(line[0][7:])
-        print(f"  {mode}: done", file=sys.stderr, flush=True)
+        rows[mode] = run_child(__file__, mode, "--r", r, "--batch", batch, "--seq", seq)
     gb = 1024 ** 3
     print(f"\nPeak memory of a training step ({batch}×{seq} tokens, r={r} all-linear), one subprocess per mode")
     print("| mode | RSS before steps | peak RSS during steps | step peak (peak − before) | file-backed RSS after |")
