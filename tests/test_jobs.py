@@ -47,6 +47,27 @@ def test_run_job_from_python_returns_the_summary_and_writes_run_json(tmp_path, t
     ev = run_eval(EvalConfig(model=str(tiny_dir), adapter=summary["saved"], data=str(pc_file), eval_size=4,
                              max_new_tokens=6))
     assert ev["exact_match"] == summary["eval"]["exact_match"] and ev["n"] == 4
+    # given the run directory, eval takes the base model from its run.json (a data-file run names no task)
+    ev_run = run_eval(EvalConfig(adapter=str(tmp_path / "run"), data=str(pc_file), eval_size=4, max_new_tokens=6))
+    assert ev_run["model"] == str(tiny_dir) and ev_run["exact_match"] == ev["exact_match"]
+    with pytest.raises(JobError, match="exactly one of --task NAME"):
+        run_eval(EvalConfig(adapter=str(tmp_path / "run")))
+
+
+def test_eval_and_merge_take_unset_options_from_the_train_run(tmp_path):
+    from peftlab.train.jobs.inputs import with_run_defaults
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"model": "smollm2-135m", "task": "wordnet-antonyms",
+                                              "quantize": "nf4", "double_quant": False, "compute_dtype": None}))
+    for adapter in (run, run / "adapter"):
+        c = with_run_defaults(EvalConfig(adapter=str(adapter)))
+        assert (c.model, c.task, c.quantize, c.double_quant) == ("smollm2-135m", "wordnet-antonyms", "nf4", False)
+    given = with_run_defaults(EvalConfig(adapter=str(run), model="other", data="x.jsonl", quantize="int8"))
+    assert (given.model, given.task, given.data, given.quantize) == ("other", None, "x.jsonl", "int8")
+    m = with_run_defaults(MergeConfig(adapter=str(run)))
+    assert (m.model, m.quantize) == ("smollm2-135m", "nf4")
+    assert with_run_defaults(EvalConfig(adapter=str(tmp_path))) == EvalConfig(adapter=str(tmp_path))
 
 
 def test_cli_and_run_job_give_the_same_summary(capsys, tmp_path, tiny_dir, pc_file):

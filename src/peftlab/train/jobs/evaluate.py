@@ -12,7 +12,7 @@ from typing import Callable, Optional
 from .. import metrics as M
 from .config import DataOptions, EvalConfig, JobError
 from .inputs import (JobData, adapter_directory, encode, load_base, load_data, pick_eval_records, sample,
-                     with_run_quantization)
+                     with_run_defaults)
 
 Say = Callable[..., None]
 
@@ -127,10 +127,10 @@ def _eval_labels(config: EvalConfig, data: JobData, task_type: Optional[str], la
 def run_eval(config: EvalConfig, say: Say = quiet) -> dict:
     """Evaluate config.model (with config.adapter) on the task's split or the data file; what `peftlab eval`
     prints under --json."""
-    if not config.model:
-        raise JobError("eval needs --model")
     from ...core.model import PeftModel
-    config = with_run_quantization(dataclasses.replace(config, adapter=adapter_directory(config.adapter)))
+    config = with_run_defaults(dataclasses.replace(config, adapter=adapter_directory(config.adapter)))
+    if not config.model:
+        raise JobError("eval needs --model (or --adapter RUN, a train run's --output, whose run.json names it)")
     data = load_data(config, config.split)
     task_type, labels = adapter_kind(config.adapter)
     if data.kind == "classification":

@@ -105,20 +105,37 @@ def load_base(model: str, device_name: str, kind: str, labels: Optional[list] = 
 QUANT_OPTIONS = ("quantize", "double_quant", "compute_dtype")
 
 
-def with_run_quantization(config):
-    """eval/merge options: the quantisation given, else the one of the train run that wrote config.adapter (its
-    run.json records it), so a QLoRA run is evaluated and merged on the base it was trained on."""
-    if config.quantize or not config.adapter:
-        return config
-    for run_json in (Path(config.adapter) / "run.json", Path(config.adapter).parent / "run.json"):
+def recorded_run(adapter: Optional[str]) -> dict:
+    """The run.json of the train run that wrote this adapter (in the run directory given, or above its adapter/);
+    {} for an adapter that did not come from `peftlab train` or whose run.json cannot be read."""
+    if not adapter:
+        return {}
+    for run_json in (Path(adapter) / "run.json", Path(adapter).parent / "run.json"):
         if run_json.is_file():
             try:
                 recorded = json.loads(run_json.read_text())
             except (OSError, ValueError):
-                return config
-            if recorded.get("quantize"):
-                return dataclasses.replace(config, **{k: recorded[k] for k in QUANT_OPTIONS if k in recorded})
-    return config
+                return {}
+            return recorded if isinstance(recorded, dict) else {}
+    return {}
+
+
+def with_run_defaults(config):
+    """eval/merge options left unset taken from the train run that wrote config.adapter: its base model, its task
+    (eval, when neither --task nor --data is given) and its quantisation, so `peftlab eval --adapter RUN` evaluates
+    a (Q)LoRA run on the base and task it was trained on. Options given on the command line win."""
+    recorded = recorded_run(config.adapter)
+    if not recorded:
+        return config
+    fill = {}
+    if not config.model and recorded.get("model"):
+        fill["model"] = recorded["model"]
+    from ..tasks import TASKS
+    if isinstance(config, DataOptions) and not (config.task or config.data) and recorded.get("task") in TASKS:
+        fill["task"] = recorded["task"]   # a built-in task; a run on a --data file records the file's path
+    if not config.quantize and recorded.get("quantize"):
+        fill.update({k: recorded[k] for k in QUANT_OPTIONS if k in recorded})
+    return dataclasses.replace(config, **fill)
 
 
 def encode(kind: str, records: Sequence[dict], tok, config: DataOptions, labels: Optional[list] = None):

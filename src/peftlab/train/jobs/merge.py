@@ -6,16 +6,17 @@ from pathlib import Path
 
 from .config import JobError, MergeConfig
 from .evaluate import Say, adapter_kind, quiet
-from .inputs import adapter_directory, load_base, with_run_quantization
+from .inputs import adapter_directory, load_base, with_run_defaults
 
 
 def run_merge(config: MergeConfig, say: Say = quiet) -> dict:
-    for flag, value in (("model", config.model), ("adapter", config.adapter), ("output", config.output)):
-        if not value:
-            raise JobError(f"merge needs --{flag}")
     from ...core.model import PeftModel
     from ..data import save_labels
-    config = with_run_quantization(dataclasses.replace(config, adapter=adapter_directory(config.adapter)))
+    config = with_run_defaults(dataclasses.replace(config, adapter=adapter_directory(config.adapter)))
+    for flag, value in (("adapter", config.adapter), ("output", config.output),
+                        ("model (or --adapter RUN, a train run's --output, whose run.json names it)", config.model)):
+        if not value:
+            raise JobError(f"merge needs --{flag}")
     task_type, labels = adapter_kind(config.adapter)
     kind = "classification" if task_type == "SEQ_CLS" else "generation"
     if kind == "classification" and not labels:
