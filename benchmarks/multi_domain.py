@@ -7,13 +7,16 @@ one LoRA on the mixed data, MoE-LoRA with and without the zero expert, soft and 
 Every mixed run sees the same shuffled examples for the same number of steps at its method's default lr.
 Reported: per-task held-out exact match, trainable parameters, seconds per training step (wall, 2 threads),
 and forgetting (general-English perplexity before → after; the base's is the "before").
-Run: .venv/bin/python benchmarks/multi_domain.py [--steps 60] [--per-task 160] [--eval 100]
+Run: .venv/bin/python benchmarks/multi_domain.py [--steps 60] [--per-task 160] [--eval 100] [--out rows.json]
+With --out, each finished row is written there at once and a rerun with the same settings skips the rows it holds
+(an interrupted run resumes; the rows are independent: each trains from the base).
 Small on purpose (2 CPU cores): differences of a few points are within the noise of 100 held-out words.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -62,13 +65,12 @@ def fresh(method: str, **fields):
     return peftlab.get_peft_model(base.float(), info.make_config(task_type="CAUSAL_LM", **fields)), tok, info
 
 
-def run_mixed(label, method, fields, args, records, texts, rows):
+def mixed_row(label, method, fields, args, records, texts) -> dict:
     model, tok, info = fresh(method, **fields)
     res = train(model, tok, records, args.steps, info.default_lr)
     s = score(model, tok, args.eval, texts)
-    rows.append({"method": label, **s, "trainable": res["trainable_params"], "s_per_step": res["wall_s"] / res["steps"],
-                 "routing": _routing(model)})
-    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return {"method": label, **s, "trainable": res["trainable_params"], "s_per_step": res["wall_s"] / res["steps"],
+            "routing": _routing(model)}
 
 
 def _routing(model) -> dict:
@@ -88,21 +90,18 @@ def main() -> None:
     torch.manual_seed(0)
     texts = general_english_passages(12)
     records = mixed_records(args.per_task)
+    settings = {k: getattr(args, k) for k in ("steps", "router_steps", "per_task", "eval")}
+    done = _load_rows(args.out, settings)
     rows = []
-    base, tok = load_model("smollm2-135m")
-    rows.append({"method": "base model (no training)", **score(base.float(), tok, args.eval, texts), "trainable": 0,
-                 "s_per_step": None})
-    # the upper reference: one LoRA per task, trained on its task alone for the same number of steps
-    per_task, trainable, secs = {}, 0, []
-    for name in TASKS:
-        model, tok, info = fresh("lora", r=8, lora_alpha=16, target_modules=ALL_LINEAR)
-        res = train(model, tok, [r for r in records if TASKS[r["expert"]] == name], args.steps, info.default_lr)
-        s = score(model, tok, args.eval, texts)
-        per_task[name], trainable, secs = s[name], trainable + res["trainable_params"], secs + [res["wall_s"] / res["steps"]]
-        per_task.setdefault("ppl", []).append(s["ppl"])
-    rows.append({"method": "LoRA per task (3 adapters, r 8, all-linear)", **{n: per_task[n] for n in TASKS},
-                 "ppl": sum(per_task["ppl"]) / 3, "trainable": trainable, "s_per_step": sum(secs) / 3})
-    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+
+    def row(label: str, measure) -> None:
+        rows.append(done[label] if label in done else {"method": label, **measure()})
+        if label not in done:
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            _save_rows(args.out, settings, rows)
+
+    row("base model (no training)", lambda: base_row(args, texts))
+    row("LoRA per task (3 adapters, r 8, all-linear)", lambda: lora_per_task_row(args, records, texts))
     mixes = [("LoRA on the mixed data (r 8, all-linear)", "lora", dict(r=8, lora_alpha=16, target_modules=ALL_LINEAR)),
              ("MoE-LoRA (4 × r4, top-2, all-linear)", "moe-lora",
               dict(r=4, lora_alpha=8, num_experts=4, top_k=2, target_modules=ALL_LINEAR)),
@@ -111,28 +110,65 @@ def main() -> None:
              ("MoA soft (LoRA r8 on q/k/v/o/down, adapter 16, prompt 10)", "moa", dict(mode="soft")),
              ("MoA sparse", "moa", dict(mode="sparse"))]
     for label, method, fields in mixes:
-        run_mixed(label, method, fields, args, records, texts, rows)
-    # TT-LoRA MoE: stage 1 per task, stage 2 the router on the mixed data
-    dirs, stage1_params, stage1_secs = [], 0, []
-    for i, name in enumerate(TASKS):
-        model, tok, info = fresh("tt-lora", target_modules=ALL_LINEAR)
-        res = train(model, tok, [r for r in records if r["expert"] == i], args.steps, info.default_lr)
-        d = tempfile.mkdtemp(prefix=f"peftlab-{name}-")
-        model.save_pretrained(d)
-        dirs.append(d)
-        stage1_params, stage1_secs = stage1_params + res["trainable_params"], stage1_secs + [res["wall_s"] / res["steps"]]
-    model, tok, info = fresh("tt-lora-moe", expert_dirs=dirs)
-    res = train(model, tok, records, args.router_steps, 1e-2)
-    s = score(model, tok, args.eval, texts)
-    rows.append({"method": f"TT-LoRA MoE (3 tt-lora experts, all-linear; router {args.router_steps} steps)", **s,
-                 "trainable": stage1_params + res["trainable_params"],
-                 "s_per_step": sum(stage1_secs) / 3, "router_s_per_step": res["wall_s"] / res["steps"],
-                 "routing": _routing(model)})
-    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        row(label, lambda: mixed_row(label, method, fields, args, records, texts))
+    row(f"TT-LoRA MoE (3 tt-lora experts, all-linear; router {args.router_steps} steps)",
+        lambda: tt_lora_moe_row(args, records, texts))
     table(rows, args)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+
+
+def base_row(args, texts) -> dict:
+    base, tok = load_model("smollm2-135m")
+    return {**score(base.float(), tok, args.eval, texts), "trainable": 0, "s_per_step": None}
+
+
+def lora_per_task_row(args, records, texts) -> dict:
+    """The upper reference: one LoRA per task, trained on its task alone for the same number of steps."""
+    per_task, trainable, secs, ppl = {}, 0, [], []
+    for name in TASKS:
+        model, tok, info = fresh("lora", r=8, lora_alpha=16, target_modules=ALL_LINEAR)
+        res = train(model, tok, [r for r in records if TASKS[r["expert"]] == name], args.steps, info.default_lr)
+        s = score(model, tok, args.eval, texts)
+        per_task[name], trainable, secs = s[name], trainable + res["trainable_params"], secs + [res["wall_s"] / res["steps"]]
+        ppl.append(s["ppl"])
+    return {**per_task, "ppl": sum(ppl) / len(ppl), "trainable": trainable, "s_per_step": sum(secs) / len(secs)}
+
+
+def tt_lora_moe_row(args, records, texts) -> dict:
+    """Stage 1: one tt-lora per task, on its task alone; stage 2: the router alone, on the mixed data."""
+    with tempfile.TemporaryDirectory(prefix="peftlab-tt-lora-experts-") as root:
+        dirs, stage1_params, stage1_secs = [], 0, []
+        for i, name in enumerate(TASKS):
+            model, tok, info = fresh("tt-lora", target_modules=ALL_LINEAR)
+            res = train(model, tok, [r for r in records if r["expert"] == i], args.steps, info.default_lr)
+            dirs.append(f"{root}/{name}")
+            model.save_pretrained(dirs[-1])
+            stage1_params += res["trainable_params"]
+            stage1_secs.append(res["wall_s"] / res["steps"])
+        model, tok, info = fresh("tt-lora-moe", expert_dirs=dirs)
+    res = train(model, tok, records, args.router_steps, 1e-2)
+    return {**score(model, tok, args.eval, texts), "trainable": stage1_params + res["trainable_params"],
+            "s_per_step": sum(stage1_secs) / len(stage1_secs), "router_s_per_step": res["wall_s"] / res["steps"],
+            "routing": _routing(model)}
+
+
+def _load_rows(path, settings) -> dict:
+    """Rows a previous run with the same settings finished, by label ({} without --out or with other settings)."""
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        saved = json.load(f)
+    if not isinstance(saved, dict) or saved.get("settings") != settings:
+        return {}
+    return {r["method"]: r for r in saved["rows"]}
+
+
+def _save_rows(path, settings, rows) -> None:
+    if not path:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"settings": settings, "rows": rows}, f, indent=1)
+    os.replace(tmp, path)   # atomically: an interruption leaves the previous rows
 
 
 def table(rows, args) -> None:

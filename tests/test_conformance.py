@@ -20,10 +20,15 @@ from conftest import perturb_trainable, tiny_llama, token_batch
 ALL = sorted(m.name for m in peftlab.list_methods())
 
 
+# removed when the test session ends (its finaliser runs at interpreter exit)
+_CORDA_CACHES = tempfile.TemporaryDirectory(prefix="peftlab-corda-")
+
+
 def _corda_cached():
     # A cache file, so a saved adapter can be loaded onto a fresh base without the calibration data.
     from peftlab.methods.lora import CordaConfig
-    cache = os.path.join(tempfile.mkdtemp(prefix="peftlab-corda-"), "corda_cache.safetensors")
+    cache = tempfile.mkdtemp(dir=_CORDA_CACHES.name)
+    cache = os.path.join(cache, "corda_cache.safetensors")
     return dict(r=4, target_modules=["q_proj", "v_proj"], corda_config=CordaConfig(cache_file=cache))
 
 
