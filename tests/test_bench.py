@@ -21,13 +21,14 @@ WORDS = ["abc", "hello", "world", "cat", "dog", "bird", "fish", "tree", "sun", "
 
 @pytest.fixture(scope="module")
 def bench_file(tmp_path_factory):
-    """A 2-step bench of a tiny LLaMA on prompt/completion files; vera gets an invalid rank, so it must fail."""
+    """A 2-step bench of a tiny LLaMA on prompt/completion files; vera gets an invalid rank, so it must fail;
+    tt-lora-moe (stage 2 of a two-stage method) has no stage-1 runs here, so it is skipped with the reason."""
     d = tmp_path_factory.mktemp("bench")
     model = save_tiny_model_dir(d / "tiny")
     data = d / "pc.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in pc_records(WORDS)))
     cfg = {"model": str(model), "data": str(data), "eval_data": str(data), "steps": 2, "batch_size": 4,
-           "eval_size": 6, "methods": ["lora", "vera"], "timing_rounds": 1, "timing_batch": 4, "forgetting_size": 4,
+           "eval_size": 6, "methods": ["lora", "vera", "tt-lora-moe"], "timing_rounds": 1, "timing_batch": 4, "forgetting_size": 4,
            "method_options": {"lora": {"lr": 0.01, "target_modules": "all-linear"}, "vera": {"r": -1}}}
     path = d / "tiny-bench.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -47,9 +48,11 @@ def bench_run(bench_file, tmp_path_factory):
 def test_grid_records_every_cell_and_a_failing_method_does_not_stop_it(bench_run):
     res = json.loads((bench_run / "results.json").read_text())
     assert res["schema"] == "peftlab-bench/1" and set(res["cells"]) == {
-        "lora@seed0", "lora@seed1", "vera@seed0", "vera@seed1"}
+        "lora@seed0", "lora@seed1", "vera@seed0", "vera@seed1", "tt-lora-moe@seed0", "tt-lora-moe@seed1"}
     vera = res["cells"]["vera@seed0"]
     assert vera["status"] == "failed" and "vera" in vera["error"].lower()
+    moe = res["cells"]["tt-lora-moe@seed0"]
+    assert moe["status"] == "skipped" and "finished tt-lora runs, one per task" in moe["reason"]
     lora = res["cells"]["lora@seed0"]
     assert lora["status"] == "ok" and lora["category"] == "reparameterized" and lora["mergeable"]
     assert 0 < lora["trainable_pct"] < 100 and lora["adapter_bytes"] > 0 and lora["peak_memory_bytes"] > 0
@@ -79,6 +82,8 @@ def test_markdown_table_has_the_survey_columns_and_a_row_per_method(bench_run):
     lora = next(line for line in md.splitlines() if "| lora |" in line)
     assert "none once merged" in lora and " ± " in lora  # two seeds: mean ± sd
     assert "failed: " in next(line for line in md.splitlines() if "| vera |" in line)
+    assert "not run: stage 2 of a two-stage method" in next(line for line in md.splitlines()
+                                                               if "| tt-lora-moe |" in line)
 
 
 def test_resume_runs_only_new_and_failed_cells(bench_file, bench_run, tmp_path, monkeypatch):
@@ -93,7 +98,7 @@ def test_resume_runs_only_new_and_failed_cells(bench_file, bench_run, tmp_path, 
     assert sorted(ran) == [("ia3", 0), ("vera", 0)]
     assert "lora@seed1" in res["cells"]  # fewer seeds asked: the extra seed's cell stays
     assert res["cells"]["lora@seed0"] == json.loads((bench_run / "results.json").read_text())["cells"]["lora@seed0"]
-    assert [r["method"] for r in res["rows"]] == ["lora", "vera", "ia3"]
+    assert [r["method"] for r in res["rows"]] == ["lora", "vera", "tt-lora-moe", "ia3"]
 
 
 def test_resume_refuses_another_budget_and_a_rerun_needs_resume(bench_file, bench_run, tmp_path):

@@ -32,10 +32,28 @@ def _corda_cached():
     return dict(r=4, target_modules=["q_proj", "v_proj"], corda_config=CordaConfig(cache_file=cache))
 
 
+def _tt_lora_experts():
+    # stage 2 builds on stage-1 tt-lora adapters: two of them, trained (perturbed) and saved once per session
+    if not os.listdir(_TT_LORA_EXPERTS.name):
+        with torch.random.fork_rng():   # the caller's seed still decides the router's initialisation
+            _save_tt_lora_experts()
+    return dict(expert_dirs=[os.path.join(_TT_LORA_EXPERTS.name, f"task{i}") for i in range(2)])
+
+
+def _save_tt_lora_experts():
+    for i in range(2):
+        m = peftlab.get_peft_model(tiny_llama(), peftlab.get_method("tt-lora").make_config(r=2))
+        perturb_trainable(m, seed=i, std=0.3)
+        m.save_pretrained(os.path.join(_TT_LORA_EXPERTS.name, f"task{i}"))
+
+
+_TT_LORA_EXPERTS = tempfile.TemporaryDirectory(prefix="peftlab-tt-lora-experts-")
+
 SMALL_MODEL = {
     "bitfit": lambda: dict(add_bias=True),  # the tiny LLaMA has no biases: BitFit there means adding them
     "fourierft": lambda: dict(n_frequency=64, init_weights=True),  # 1000 frequencies exceed its 16×32 layers
     "corda": _corda_cached,
+    "tt-lora-moe": _tt_lora_experts,
 }
 
 

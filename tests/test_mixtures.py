@@ -421,6 +421,23 @@ def test_tt_lora_moe_refuses_other_adapters(tmp_path):
         peftlab.get_peft_model(tiny_llama(), TTLoraMoeConfig(expert_dirs=[str(tmp_path / "moe")]))
 
 
+def test_tt_lora_moe_refuses_missing_experts_and_settings_they_contradict(tmp_path):
+    from peftlab.methods.tt_lora import TTLoraConfig
+    from peftlab.methods.tt_lora_moe import TTLoraMoeConfig
+    with pytest.raises(ValueError, match="TT-LoRA MoE needs expert_dirs.*would stay untrained"):
+        peftlab.get_peft_model(tiny_llama(), TTLoraMoeConfig())
+    dirs = _stage1_dirs(tmp_path, n=2)
+    with pytest.raises(ValueError, match=r"r=4 was given, but the stage-1 experts were trained with r=2; leave r"):
+        peftlab.get_peft_model(tiny_llama(), TTLoraMoeConfig(expert_dirs=dirs, r=4))
+    # a field given equal to the experts' is fine
+    ok = peftlab.get_peft_model(tiny_llama(), TTLoraMoeConfig(expert_dirs=dirs, r=2))
+    assert ok.peft_config["default"].r == 2
+    other = peftlab.get_peft_model(tiny_llama(), TTLoraConfig(r=3, target_modules=["q_proj", "v_proj"]))
+    other.save_pretrained(tmp_path / "r3")
+    with pytest.raises(ValueError, match="the stage-1 experts disagree on r: .*task0.* 2, .*r3.* 3"):
+        peftlab.get_peft_model(tiny_llama(), TTLoraMoeConfig(expert_dirs=[dirs[0], str(tmp_path / "r3")]))
+
+
 def test_moa_mixed_batch_rows_match_single_adapter_runs():
     from peftlab.methods.moa import MoaConfig
     batch = token_batch()

@@ -74,8 +74,8 @@ def aggregate(cells: dict) -> list[dict]:
         ok = [c for c in group if c["status"] == "ok"]
         if not ok:
             last = group[-1]
-            rows.append({k: last.get(k) for k in ("method", "category", "kind", "mergeable", "error")}
-                        | {"status": "failed", "seeds": []})
+            rows.append({k: last[k] for k in ("method", "category", "kind", "mergeable", "error", "reason")
+                         if k in last} | {"status": last["status"], "seeds": []})
             continue
         row = {k: v for k, v in ok[0].items() if k not in NUMERIC and k not in ("seed", "scores", "forgetting")}
         row.update(status="ok", seeds=[c["seed"] for c in ok], failed_seeds=[c["seed"] for c in group

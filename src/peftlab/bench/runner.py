@@ -161,14 +161,20 @@ def run_bench(bc: BenchConfig, output: str | Path, methods: Optional[list[str]] 
         workdir = out / "runs" / f"{method}-seed{seed}"
         shutil.rmtree(workdir, ignore_errors=True)  # an interrupted cell starts over
         t = time.time()
-        try:
-            cell = measure_cell(ctx, method, seed, workdir)
-        except Exception as e:  # noqa: BLE001 - a failing method is a result; the grid goes on
-            info = get_method(method)
-            cell = {"method": info.name, "seed": seed, "status": "failed", "category": info.category,
-                    "kind": info.kind, "mergeable": info.mergeable,
-                    "error": f"{type(e).__name__}: {e}".splitlines()[0][:500],
-                    "traceback": traceback.format_exc(limit=4)[-2000:]}
+        info = get_method(method)
+        about = {"method": info.name, "seed": seed, "category": info.category, "kind": info.kind,
+                 "mergeable": info.mergeable}
+        if info.trains_on:
+            cell = {**about, "status": "skipped",
+                    "reason": f"stage 2 of a two-stage method: it trains on finished {info.trains_on} runs, one per "
+                              f"task, which a single-task grid does not have (benchmarks/multi_domain.py measures "
+                              f"it)"}
+        else:
+            try:
+                cell = measure_cell(ctx, method, seed, workdir)
+            except Exception as e:  # noqa: BLE001 - a failing method is a result; the grid goes on
+                cell = {**about, "status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0][:500],
+                        "traceback": traceback.format_exc(limit=4)[-2000:]}
         cell["wall_s"] = time.time() - t
         # the machine's load while the cell ran: wall times stretch with it, the CPU-time ratios much less
         cell["load_avg"] = round(os.getloadavg()[1], 2)
@@ -185,6 +191,8 @@ def run_bench(bc: BenchConfig, output: str | Path, methods: Optional[list[str]] 
 
 
 def _cell_line(cell: dict) -> str:
+    if cell["status"] == "skipped":
+        return f"  {cell['method']}: not run here, {cell['reason']}"
     if cell["status"] != "ok":
         return f"  {cell['method']} seed {cell['seed']}: FAILED {cell['error']}"
     score = cell["score"]

@@ -60,8 +60,8 @@ def markdown_table(results: dict) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in ordered(results["rows"]):
         if r["status"] != "ok":
-            lines.append(f"| {r.get('category', '')} | {r['method']} | failed: {r.get('error', '')} |"
-                         + " |" * (len(head) - 3))
+            why = f"not run: {r['reason']}" if r["status"] == "skipped" else f"failed: {r.get('error', '')}"
+            lines.append(f"| {r.get('category', '')} | {r['method']} | {why} |" + " |" * (len(head) - 3))
             continue
         probe = (r.get("forgetting") or {}).get("definitions_acc") or {}
         probe_cell = f"{probe['before']:.0%} → {probe['after']:.0%}" if probe else "–"

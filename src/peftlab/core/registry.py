@@ -43,6 +43,9 @@ class MethodInfo:
     run_length_field: Optional[str] = None
     # What a training run keeps: an adapter directory, or (full fine-tuning) a whole Transformers model.
     saves: str = "adapter"
+    # Stage 2 of a two-stage method: it trains on top of finished runs of this method, one per task (TT-LoRA MoE
+    # on tt-lora experts), so it cannot start from the bare base; the single-task bench grid skips it.
+    trains_on: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

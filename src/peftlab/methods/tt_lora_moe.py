@@ -127,7 +127,16 @@ class TTLoraMoeTuner(RoutedLayerTuner):
     takes_task_ids = True
 
     def inject(self, model, config: TTLoraMoeConfig, adapter_name):
-        stage1 = [self._stage1(d, config) for d in config.expert_dirs or []]
+        if not config.expert_dirs and config.expert_names is None:
+            # a saved TT-LoRA MoE adapter names its experts; a fresh one without stage-1 runs would route between
+            # frozen, untrained experts
+            raise ValueError("TT-LoRA MoE needs expert_dirs: the stage-1 `tt-lora` adapter directories, one per "
+                             "task (train each with `peftlab train --method tt-lora`, then stage 2 with "
+                             "`--method tt-lora-moe --set expert_dirs=[DIR1,DIR2]`); without them its frozen "
+                             "experts would stay untrained")
+        stage1 = [self._stage1(d) for d in config.expert_dirs or []]
+        if stage1:
+            take_expert_settings(config, stage1)
         self._context, self._router = InputRouting(), None
         self._hidden = model.config.hidden_size
         super().inject(model, config, adapter_name)
@@ -184,15 +193,13 @@ class TTLoraMoeTuner(RoutedLayerTuner):
                     if layer.adapters[adapter_name].router is not None)
 
     @staticmethod
-    def _stage1(directory, config: TTLoraMoeConfig) -> tuple[Path, TTLoraConfig]:
+    def _stage1(directory) -> tuple[Path, TTLoraConfig]:
         from ..core.adapter_files import adapter_dir
         path = adapter_dir(directory)
         cfg = PeftConfig.from_pretrained(path)
         if cfg.peft_type != "TT_LORA":
             raise ValueError(f"TT-LoRA MoE: {path} holds a {cfg.peft_type} adapter; stage 2 takes the directories "
                              f"of `tt-lora` runs (one per task)")
-        for f in STAGE1_FIELDS:   # the experts define the TT shape: take theirs, and they must agree
-            setattr(config, f, getattr(cfg, f))
         return path, cfg
 
     def _load_expert(self, model, adapter_name, e: int, directory: Path) -> None:
@@ -211,12 +218,31 @@ class TTLoraMoeTuner(RoutedLayerTuner):
                 core.copy_(t)
 
 
+def take_expert_settings(config: TTLoraMoeConfig, stage1: list[tuple[Path, TTLoraConfig]]) -> None:
+    """The stage-1 experts define the TT shape (STAGE1_FIELDS): they must agree with each other, and a field the
+    user set to something else than its default (`--r 8`) is refused rather than silently replaced by theirs."""
+    defaults = TTLoraMoeConfig()
+    (first_dir, first), rest = stage1[0], stage1[1:]
+    for f in STAGE1_FIELDS:
+        theirs = getattr(first, f)
+        for directory, cfg in rest:
+            if getattr(cfg, f) != theirs:
+                raise ValueError(f"TT-LoRA MoE: the stage-1 experts disagree on {f}: {first_dir} has {theirs!r}, "
+                                 f"{directory} {getattr(cfg, f)!r}; train every expert with the same TT settings "
+                                 f"and target_modules")
+        given = getattr(config, f)
+        if given not in (theirs, getattr(defaults, f)):
+            raise ValueError(f"TT-LoRA MoE: {f}={given!r} was given, but the stage-1 experts were trained with "
+                             f"{f}={theirs!r}; leave {f} unset (stage 2 takes the experts' TT settings)")
+        setattr(config, f, theirs)
+
+
 def _name(directory: Path) -> str:
     return directory.parent.name if directory.name == "adapter" else directory.name
 
 
 register_method(MethodInfo(
     "tt-lora-moe", TTLoraMoeConfig, category="moe", kind="activation", mergeable=False, identity_at_init=False,
-    default_lr=1e-3, rank_field="r", alpha_field="alpha",
+    default_lr=1e-3, rank_field="r", alpha_field="alpha", trains_on="tt-lora",
     description="frozen per-task TT-LoRA experts (stage-1 tt-lora runs) and a noisy top-1 router on the frozen "
                 "base's last hidden state, trained with cross-entropy on the task labels"))
