@@ -205,11 +205,12 @@ def cmd_advise(o: dict, out: Out) -> dict:
 
 
 def _launch(nproc: int, argv: list[str]) -> int:
-    """Run this same command as `nproc` processes under torch.distributed.run (gloo on CPU, NCCL on GPUs)."""
+    """Run this same command as `nproc` processes under torch.distributed.run (gloo on CPU, NCCL on GPUs), through
+    peftlab.launch (which leaves the workers' own error messages as the only report of a failure)."""
     import subprocess
     if nproc < 1:
         raise UsageError(f"--nproc must be >= 1, got {nproc}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "peftlab"]
+    cmd = [sys.executable, "-m", "peftlab.launch", "--standalone", f"--nproc-per-node={nproc}", "-m", "peftlab"]
     # The arguments travel in the environment: torchrun's own parser would claim flags such as --r otherwise.
     env = dict(os.environ, PEFTLAB_ARGV=json.dumps(argv))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
@@ -240,7 +241,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         out.result(result)
         return 0
     except (UsageError, JobError) as e:
-        print(f"peftlab {ns.command}: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:   # every process of a distributed run meets the same mistake
+            print(f"peftlab {ns.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
         print(f"peftlab {ns.command}: {e or 'interrupted'}", file=sys.stderr)

@@ -64,6 +64,8 @@ TRAIN = [
     _opt("--log-every", type=int),
     _opt("--resume", action="store_true", help="continue from the newest checkpoint in --output"),
     _opt("--nproc", type=int, help="processes (data parallel)"),
+    _opt("--fsdp", action="store_true",
+         help="with --nproc N / torchrun: shard the frozen base over the processes with FSDP2 (default: DDP)"),
     _opt("--eval-before", action=argparse.BooleanOptionalAction, help="evaluate the task before training too"),
     _opt("--forgetting", action=argparse.BooleanOptionalAction,
          help="measure general-English perplexity and an untrained task before and after training"),

@@ -8,8 +8,9 @@ One TrainState carries the run through setup -> resume -> (micro_step × grad_ac
 after_step) × steps (the shape of torchtune's recipes).
 A kill loses at most `save_every` steps: SIGINT/SIGTERM finish the current step, write a checkpoint and stop;
 `resume=True` continues from the newest checkpoint and ends with the same weights as an uninterrupted run.
-Under torch.distributed (e.g. `peftlab train --nproc 2`, torchrun) the model is wrapped in DDP, every micro-batch
-is split across the processes, and rank 0 alone logs and writes checkpoints.
+Under torch.distributed (e.g. `peftlab train --nproc 2`, torchrun) the model is wrapped in DDP, or with
+fsdp=True its frozen base is sharded by FSDP2 (train/sharding.py); every micro-batch is split across the
+processes, and rank 0 alone logs and writes checkpoints.
 """
 from __future__ import annotations
 
@@ -112,6 +113,7 @@ class TrainState:
     config: TrainConfig
     model: torch.nn.Module             # what train() was given; its trainable parameters are updated in place
     net: torch.nn.Module               # the model, or its DDP wrapper (forward passes go through it)
+    sharded: bool                      # FSDP2: the frozen base is sharded; trainable gradients averaged by hand
     params: list
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -183,8 +185,12 @@ def setup(model, train_examples: Sequence[dict], collate, cfg: TrainConfig,
     if micro % world:
         raise ValueError(f"each micro-batch ({micro} = batch_size / grad_accum) must split evenly over the {world} "
                          f"processes; use a batch size that is a multiple of {world * cfg.grad_accum}")
-    net = _wrap_ddp(model, device) if dist else model
-    return TrainState(cfg, model, net, params, optimizer, scheduler,
+    sharded = bool(dist and cfg.fsdp)
+    if sharded:
+        from .sharding import shard_frozen_base
+        shard_frozen_base(model)
+    net = _wrap_ddp(model, device) if dist and not sharded else model
+    return TrainState(cfg, model, net, sharded, params, optimizer, scheduler,
                       torch.amp.GradScaler(device.type) if needs_scaler else None,
                       BatchStream(train_examples, micro, collate, seed=cfg.seed), collate, total, device, autocast,
                       dist, rank, world, forward_accepts(model, "logits_to_keep"),
@@ -246,8 +252,9 @@ def micro_step(state: TrainState, m: int) -> tuple[float, int]:
     cfg, dist = state.config, state.dist
     batch = _next_batch(state)
     tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-    # DDP all-reduces gradients on the last micro-batch of a step only
-    sync = contextlib.nullcontext() if not dist or m == cfg.grad_accum - 1 else state.net.no_sync()
+    # DDP all-reduces gradients on the last micro-batch of a step only (FSDP2 runs: optimizer_step averages them)
+    last = m == cfg.grad_accum - 1
+    sync = contextlib.nullcontext() if not dist or state.sharded or last else state.net.no_sync()
     with sync:
         with state.autocast:
             loss = state.net(**batch).loss
@@ -277,6 +284,9 @@ def optimizer_step(state: TrainState, step_loss: float, step_tokens: int) -> flo
         step_tokens, step_loss = int(t[0].item()), float(t[1].item()) / state.world
     state.tokens_seen += step_tokens
     state.win_tokens += step_tokens
+    if state.sharded:
+        from .sharding import average_gradients
+        average_gradients(state.params, dist, state.world)
     if scaler:
         scaler.unscale_(optimizer)
     if cfg.max_grad_norm:

@@ -38,6 +38,7 @@ class TrainConfig:
     max_grad_norm: Optional[float] = 1.0
     precision: str = "auto"            # auto (CUDA: bf16 if supported else fp16; CPU: fp32) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
+    fsdp: bool = False                 # under torch.distributed: shard the frozen base with FSDP2 (train/sharding.py)
     eval_every: Optional[int] = None
     save_every: Optional[int] = None   # checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)
     keep_checkpoints: int = 2          # newest checkpoints kept (0: all); the newest and the best always stay

@@ -131,6 +131,7 @@ class JobConfig(DataOptions):
     log_every: int = 10
     resume: bool = False               # continue from the newest checkpoint in output
     nproc: int = 1                     # processes (data parallel; run_job itself is one of them, under torchrun)
+    fsdp: bool = False                 # with several processes: shard the frozen base with FSDP2 (else DDP)
     eval_before: bool = True           # evaluate the task before training too
     forgetting: bool = True            # general-English perplexity and an untrained task, before and after
     forgetting_size: int = 100         # questions of the untrained task in the forgetting probe

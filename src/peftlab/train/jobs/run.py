@@ -64,9 +64,15 @@ def init_distributed(device_name: str) -> tuple[int, str]:
     return dist.get_rank(), device_name
 
 
-def barrier() -> None:
+def barrier_needed() -> bool:
+    """Whether this process is one of several (torch.distributed initialised with more than one rank)."""
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if barrier_needed():
+        import torch.distributed as dist
         dist.barrier()
 
 
@@ -76,7 +82,8 @@ def train_config(config: JobConfig, output: Path) -> L.TrainConfig:
                          lr=config.lr if config.lr is not None else get_method(config.method).default_lr,
                          weight_decay=config.weight_decay, schedule=config.schedule, warmup_steps=config.warmup,
                          max_grad_norm=config.max_grad_norm or None, precision=config.precision,
-                         gradient_checkpointing=bool(config.gradient_checkpointing), eval_every=config.eval_every,
+                         gradient_checkpointing=bool(config.gradient_checkpointing), fsdp=bool(config.fsdp),
+                         eval_every=config.eval_every,
                          save_every=config.save_every, keep_checkpoints=config.keep_checkpoints,
                          log_every=config.log_every, seed=config.seed,
                          resume=bool(config.resume), progress=bool(config.progress))
@@ -90,6 +97,9 @@ def _check(config: JobConfig) -> None:
     if (config.nproc or 1) > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         raise JobError(f"nproc={config.nproc}: run_job is one process; start {config.nproc} of them with torchrun "
                        f"(or `peftlab train --nproc {config.nproc}`, which does)")
+    if config.fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1 and (config.nproc or 1) <= 1:
+        raise JobError("--fsdp shards the frozen base over several processes: add --nproc N (N >= 2), or start the "
+                       "processes with torchrun")
 
 
 def prepare_job(config: JobConfig, say: Say = quiet) -> PreparedJob:
@@ -129,6 +139,12 @@ def prepare_job(config: JobConfig, say: Say = quiet) -> PreparedJob:
     calibrate(cfg, base, tok, train_ex, collate, tc.batch_size // tc.grad_accum)
     torch.manual_seed(config.seed)
     pm = get_peft_model(base, cfg)
+    if config.fsdp:   # what FSDP2 cannot shard is refused before any training (L.train would refuse it too)
+        from ..sharding import check_shardable
+        try:
+            check_shardable(pm)
+        except ValueError as e:
+            raise JobError(str(e)) from None
     trainable, n_all = pm.get_nb_trainable_parameters()
     say(f"method {info.name} ({info.category}): {trainable:,} trainable of {n_all:,} parameters "
         f"({100 * trainable / n_all:.3f}%), {total} steps of {tc.batch_size}")
@@ -188,12 +204,12 @@ def save_result(job: PreparedJob) -> Path:
     return target
 
 
-def _forgetting(job: PreparedJob, probe, before: dict, say: Say) -> Optional[dict]:
-    if probe is None:
+def _forgetting(job: PreparedJob, after: Optional[dict], before: dict, say: Say) -> Optional[dict]:
+    if after is None:
         if job.config.forgetting:
             say("forgetting:      not measured (a classification model has no language-modelling head)")
         return None
-    change = forgetting_change(before["forgetting"], probe(job.model))
+    change = forgetting_change(before["forgetting"], after)
     say("forgetting:      " + ", ".join(f"{k} {v['before']:.4g} -> {v['after']:.4g}" for k, v in change.items()))
     return change
 
@@ -208,26 +224,32 @@ def run_job(config: JobConfig, say: Say = quiet) -> dict:
 
 
 def run_prepared(job: PreparedJob, say: Say = quiet) -> dict:
-    """Evaluate before, train, evaluate and probe forgetting after, save; the summary (rank 0; {} elsewhere)."""
+    """Evaluate before, train, evaluate and probe forgetting after, save; the summary (rank 0; {} elsewhere).
+    Under DDP the other ranks only train; under FSDP (config.fsdp) every forward needs every rank, so they also
+    run the evaluations after training in lockstep with rank 0, which alone reports and saves."""
     config = job.config
-    if job.rank:  # evaluation and saving happen on rank 0; the other processes only train
+    lockstep = bool(config.fsdp) and barrier_needed()
+    if job.rank and not lockstep:  # evaluation and saving happen on rank 0; the other processes only train
         barrier()
         _train(job)
         return {}
     evaluate = Evaluator.build(job.data, job.tok, config, job.eval_records)
     probe = forgetting_probe(job.data, job.tok, config, config.forgetting_size) if config.forgetting else None
-    before = _before(job, evaluate, probe)
-    if before["eval"]:
+    before = _before(job, evaluate, probe) if job.rank == 0 else None   # the base is not sharded yet
+    if before and before["eval"]:
         say(f"before training: {fmt_metrics(before['eval'])}")
     barrier()
     result = _train(job, evaluate)
     after, routing = routed_evaluation(evaluate, job.model, job.data.name)
+    forgotten = probe(job.model) if probe else None
+    if job.rank:
+        return {}
     say(f"after training:  {fmt_metrics(after)}" if job.eval_records else
         "after training:  no held-out data to evaluate on (give --eval-data FILE.jsonl)")
     summary = _summary(job, result, before, after)
     if routing:
         summary["routing"] = routing
-    summary["forgetting"] = _forgetting(job, probe, before, say)
+    summary["forgetting"] = _forgetting(job, forgotten, before, say)
     summary["saved"] = str(save_result(job))
     summary["wall_s"] = time.time() - job.started
     atomic_write_text(job.output / "run.json", json.dumps(summary, indent=1, default=jsonable))
