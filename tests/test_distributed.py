@@ -122,3 +122,25 @@ def test_fsdp_refusals_say_what_to_use_instead(setup, tmp_path):
     assert "use DDP (--nproc N without --fsdp)" in res.stderr
     res = _train(model_dir, data, tmp_path / "s", "--fsdp", check=False)
     assert res.returncode != 0 and "--fsdp shards the frozen base over several processes: add --nproc N" in res.stderr
+
+
+def test_hf_trainer_under_torchrun_trains_a_peftlab_model_with_ddp(tmp_path):
+    """transformers.Trainer (through peftlab.Trainer) launched by torchrun: DDP over 2 gloo processes keeps the
+    ranks' adapters equal, rank 0 writes PEFT-format checkpoints, and the result differs from the untrained one."""
+    out = tmp_path / "trainer"
+    worker = os.path.join(os.path.dirname(__file__), "trainer_ddp_worker.py")
+    env = dict(ENV, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), ENV.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          worker, str(out)], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and ranks[0]
+    for k in ranks[0]:
+        torch.testing.assert_close(ranks[0][k], ranks[1][k], atol=0, rtol=0)
+    lora_b = [v for k, v in ranks[0].items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)   # B starts at zero: it trained
+    ckpt = out / "checkpoint-4"
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    saved = load_file(str(ckpt / "adapter_model.safetensors"))
+    for k, v in saved.items():
+        torch.testing.assert_close(v, ranks[0][k], atol=0, rtol=0)
