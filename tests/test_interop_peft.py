@@ -180,11 +180,50 @@ def test_smollm2_interop_both_ways(tmp_path, dora):
     assert fast_rel <= 1e-4  # measured 5e-6 with adapters perturbed far beyond trained ones (std 0.1)
 
 
-@pytest.mark.parametrize("combination", ["linear", "cat", "svd"])
-def test_add_weighted_adapter_matches_peft(combination, tmp_path):
+COMBINATIONS = [("linear", {}), ("cat", {}), ("svd", {}), ("svd", {"svd_rank": 3, "svd_clamp": 0.9}),
+                ("ties", {"density": 0.5}), ("ties", {"density": 0.3, "majority_sign_method": "frequency"}),
+                ("ties_svd", {"density": 0.5}), ("dare_linear", {"density": 0.5}), ("dare_ties", {"density": 0.6}),
+                ("dare_linear_svd", {"density": 0.5}), ("dare_ties_svd", {"density": 0.5}),
+                ("magnitude_prune", {"density": 0.4}), ("magnitude_prune_svd", {"density": 0.4, "svd_rank": 2})]
+
+
+@pytest.mark.parametrize("combination,options", COMBINATIONS, ids=lambda v: str(v))
+def test_add_weighted_adapter_matches_peft(combination, options, tmp_path):
+    """Every combination type of HF PEFT's add_weighted_adapter, on three adapters with mixed signs of weights,
+    gives PEFT's merged factors to the bit — DARE's random drops included, given the same torch seed."""
     batch = token_batch()
     theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     theirs.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "o_proj"]))
+    theirs.add_adapter("c", peft.LoraConfig(r=4, lora_alpha=16, target_modules=["v_proj", "o_proj"]))
+    for i, name in enumerate(("default", "b", "c")):
+        theirs.set_adapter(name)
+        _perturb_trainable(theirs, seed=i)
+    theirs.save_pretrained(tmp_path)
+    ours = peftlab.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    for name in ("b", "c"):
+        ours.load_adapter(tmp_path / name, adapter_name=name)
+    generator_after = []
+    for model in (theirs, ours):
+        torch.manual_seed(11)   # DARE draws its masks from the global generator
+        model.add_weighted_adapter(["default", "b", "c"], [0.7, -0.4, 0.5], "mix", combination_type=combination,
+                                   **options)
+        generator_after.append(torch.get_rng_state())
+        model.set_adapter("mix")
+        model.eval()
+    assert torch.equal(*generator_after)   # and the generator is left where PEFT leaves it
+    mine = ours.adapter_state_dict("mix")
+    reference = peft.get_peft_model_state_dict(theirs, adapter_name="mix")
+    assert mine.keys() == reference.keys() and mine
+    for k in mine:
+        assert torch.equal(mine[k], reference[k]), f"{k}: max |diff| {(mine[k] - reference[k]).abs().max():.2e}"
+    assert (_out(ours, batch) - _out(theirs, batch)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("combination", ["dare_ties", "dare_linear_svd"])
+def test_dare_on_embedding_adapters_matches_peft(combination, tmp_path):
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8,
+                                                               target_modules=["embed_tokens", "q_proj"]))
+    theirs.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=4, target_modules=["embed_tokens", "q_proj"]))
     for i, name in enumerate(("default", "b")):
         theirs.set_adapter(name)
         _perturb_trainable(theirs, seed=i)
@@ -192,7 +231,27 @@ def test_add_weighted_adapter_matches_peft(combination, tmp_path):
     ours = peftlab.PeftModel.from_pretrained(tiny_llama(), tmp_path)
     ours.load_adapter(tmp_path / "b", adapter_name="b")
     for model in (theirs, ours):
-        model.add_weighted_adapter(["default", "b"], [0.7, -0.4], "mix", combination_type=combination)
-        model.set_adapter("mix")
-        model.eval()
-    assert (_out(ours, batch) - _out(theirs, batch)).abs().max() <= 1e-4
+        torch.manual_seed(5)
+        model.add_weighted_adapter(["default", "b"], [0.6, 0.8], "mix", combination_type=combination, density=0.5)
+    mine = ours.adapter_state_dict("mix")
+    reference = {k: v for k, v in peft.get_peft_model_state_dict(theirs, adapter_name="mix").items()
+                 if "lora_" in k}   # PEFT also stores the (unchanged) embedding weight beside an embedding adapter
+    assert mine.keys() == reference.keys() and any("embed_tokens" in k for k in mine)
+    for k in mine:
+        assert torch.equal(mine[k], reference[k]), k
+
+
+def test_add_weighted_adapter_errors_name_the_fix():
+    model = peftlab.get_peft_model(tiny_llama(), peftlab.LoraConfig(r=4, target_modules=["q_proj"]))
+    model.add_adapter("b", peftlab.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="'ties' merges the factors entry by entry and needs equal ranks"):
+        model.add_weighted_adapter(["default", "b"], [1, 1], "m", combination_type="ties", density=0.5)
+    with pytest.raises(ValueError, match="give density=..."):
+        model.add_weighted_adapter(["default", "b"], [1, 1], "m", combination_type="dare_ties_svd")
+    with pytest.raises(ValueError, match="combination_type must be one of linear, ties, .*; got 'tie'"):
+        model.add_weighted_adapter(["default", "b"], [1, 1], "m", combination_type="tie")
+    with pytest.raises(ValueError, match="majority_sign_method must be one of"):
+        model.add_weighted_adapter(["default", "b"], [1, 1], "m", combination_type="ties_svd", density=0.5,
+                                   majority_sign_method="most")
+    with pytest.raises(ValueError, match="an adapter named 'b' exists already"):
+        model.add_weighted_adapter(["default"], [1], "b")

@@ -12,6 +12,7 @@ import torch.nn as nn
 from .adapter_files import tuner_types
 from .quantized import clear_quantization_markers
 from .registry import get_tuner
+from .task_merging import CombineOptions
 from .tuner import adapted_layers, set_submodule
 
 
@@ -19,12 +20,20 @@ class MergeMethods:
     """Mixed into PeftModel: uses its peft_config, _active, model, _tuner() and _modules_to_save()."""
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: Optional[int] = None, **_ignored) -> None:
-        """A new adapter combining existing ones (HF PEFT's API; the tuner of their method does the maths)."""
+                             combination_type: str = "svd", svd_rank: Optional[int] = None,
+                             svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
+                             svd_driver: Optional[str] = None, density: Optional[float] = None,
+                             majority_sign_method: str = "total") -> None:
+        """A new adapter combining existing ones: HF PEFT's API and combination types (linear, cat, svd, ties,
+        ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd;
+        core/task_merging.py); the tuner of their method does the maths."""
         unknown = [a for a in adapters if a not in self.peft_config]
         if unknown or len(adapters) != len(weights) or not adapters:
             raise ValueError(f"add_weighted_adapter needs existing adapters and one weight each; unknown: {unknown}, "
                              f"{len(adapters)} adapters, {len(weights)} weights")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"add_weighted_adapter: an adapter named {adapter_name!r} exists already; choose a new "
+                             f"name (or delete_adapter({adapter_name!r}) first)")
         types = sorted({self.peft_config[a].peft_type for a in adapters})
         if len(types) != 1:
             raise ValueError(f"add_weighted_adapter combines adapters of one peft_type; got {types}")
@@ -33,7 +42,9 @@ class MergeMethods:
             raise ValueError(f"add_weighted_adapter: {types[0]} adapters cannot be combined (only "
                              f"{', '.join(tuner_types(lambda t: t.supports_weighted_combination))} support weighted "
                              f"combinations)")
-        tuner.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
+        options = CombineOptions(combination_type, svd_rank, svd_clamp, svd_full_matrices, svd_driver, density,
+                                 majority_sign_method)
+        tuner.add_weighted_adapter(self, adapters, weights, adapter_name, options)
 
     def _check_mergeable(self, names: list[str]) -> None:
         for n in names:

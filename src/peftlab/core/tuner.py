@@ -95,7 +95,8 @@ class Tuner:
         self.unload(model)
 
     def add_weighted_adapter(self, peft_model, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: Optional[int] = None) -> None:
+                             options) -> None:
+        """options: core.task_merging.CombineOptions (combination_type, svd_rank, density, ...)."""
         raise NotImplementedError  # only reached when supports_weighted_combination is True
 
     def convert_to_plain(self, tensors: dict, config, initial: dict) -> tuple[dict, object]:

@@ -109,8 +109,8 @@ class LoraTuner(LayerTuner):
         return out, new
 
     def add_weighted_adapter(self, peft_model, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: Optional[int] = None) -> None:
-        add_weighted_lora(self, peft_model, adapters, weights, adapter_name, combination_type, svd_rank)
+                             options) -> None:
+        add_weighted_lora(self, peft_model, adapters, weights, adapter_name, options)
 
 
 # 2e-3 at scale alpha/r = 1 trains SmolLM2-135M's demo task in tens of steps (2e-4, the usual choice for 7B
