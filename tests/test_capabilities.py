@@ -27,7 +27,7 @@ def test_weight_conversion_on_a_method_without_it_is_a_clear_error(method, tmp_p
 def test_weighted_combination_of_a_method_without_it_is_a_clear_error():
     model = peftlab.get_peft_model(tiny_llama(), peftlab.get_method("vera").make_config())
     model.add_adapter("b", peftlab.get_method("vera").make_config())
-    with pytest.raises(ValueError, match=r"VERA adapters cannot be combined \(only LORA support"):
+    with pytest.raises(ValueError, match=r"VERA adapters cannot be combined \(only IA3, LORA support"):
         model.add_weighted_adapter(["default", "b"], [0.5, 0.5], "mix", combination_type="linear")
 
 

@@ -241,6 +241,29 @@ def test_dare_on_embedding_adapters_matches_peft(combination, tmp_path):
         assert torch.equal(mine[k], reference[k]), k
 
 
+def test_ia3_add_weighted_adapter_matches_peft(tmp_path):
+    theirs = peft.get_peft_model(tiny_llama(), peft.IA3Config(target_modules=["k_proj", "down_proj"],
+                                                              feedforward_modules=["down_proj"]))
+    theirs.add_adapter("b", peft.IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    for i, name in enumerate(("default", "b")):
+        theirs.set_adapter(name)
+        _perturb_trainable(theirs, seed=i)
+    theirs.save_pretrained(tmp_path)
+    ours = peftlab.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    ours.load_adapter(tmp_path / "b", adapter_name="b")
+    for model in (theirs, ours):
+        model.add_weighted_adapter(["default", "b"], [0.7, 0.6], "mix")
+        model.set_adapter("mix")
+        model.eval()
+    mine, reference = ours.adapter_state_dict("mix"), peft.get_peft_model_state_dict(theirs, adapter_name="mix")
+    assert mine.keys() == reference.keys() and len(mine) == 6   # k, v and down in each of the 2 blocks
+    for k in mine:
+        assert torch.equal(mine[k], reference[k]), k
+    assert (_out(ours, token_batch()) - _out(theirs, token_batch())).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="combine as a weighted sum.*combination_type='ties' does not apply"):
+        ours.add_weighted_adapter(["default", "b"], [1, 1], "m2", combination_type="ties", density=0.5)
+
+
 def test_add_weighted_adapter_errors_name_the_fix():
     model = peftlab.get_peft_model(tiny_llama(), peftlab.LoraConfig(r=4, target_modules=["q_proj"]))
     model.add_adapter("b", peftlab.LoraConfig(r=2, target_modules=["q_proj"]))

@@ -20,13 +20,14 @@ class MergeMethods:
     """Mixed into PeftModel: uses its peft_config, _active, model, _tuner() and _modules_to_save()."""
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: Optional[int] = None,
+                             combination_type: Optional[str] = None, svd_rank: Optional[int] = None,
                              svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
                              svd_driver: Optional[str] = None, density: Optional[float] = None,
                              majority_sign_method: str = "total") -> None:
         """A new adapter combining existing ones: HF PEFT's API and combination types (linear, cat, svd, ties,
         ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd;
-        core/task_merging.py); the tuner of their method does the maths."""
+        core/task_merging.py; LoRA's default is svd, as PEFT's) or (IA)³'s weighted sum; the tuner of their method
+        does the maths."""
         unknown = [a for a in adapters if a not in self.peft_config]
         if unknown or len(adapters) != len(weights) or not adapters:
             raise ValueError(f"add_weighted_adapter needs existing adapters and one weight each; unknown: {unknown}, "

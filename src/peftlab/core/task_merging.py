@@ -24,7 +24,7 @@ import torch
 class CombineOptions:
     """HF PEFT's add_weighted_adapter arguments, under its names (what PeftModel.add_weighted_adapter passes to the
     tuner of the adapters' method)."""
-    combination_type: str = "svd"
+    combination_type: Optional[str] = None  # None: the method's default (LoRA: "svd", as PEFT's)
     svd_rank: Optional[int] = None
     svd_clamp: Optional[float] = None       # a quantile: the SVD factors are clamped to ±(that quantile)
     svd_full_matrices: bool = True

@@ -115,6 +115,33 @@ class IA3Linear(Adapter):
 @register_tuner("IA3", IA3Config)
 class IA3Tuner(LayerTuner):
     default_targets_table = IA3_TARGETS
+    supports_weighted_combination = True
+
+    def add_weighted_adapter(self, peft_model, adapters: list[str], weights: list[float], adapter_name: str,
+                             options) -> None:
+        """HF PEFT's (IA)³ combination: l = Σ_i w_i l_i per layer over the adapters that adapt it, on the union of
+        their targets (and of their feed-forward modules). There is one kind; combination_type does not apply."""
+        if options.combination_type not in (None, "linear"):
+            raise ValueError(f"(IA)³ adapters combine as a weighted sum of their scaling vectors (HF PEFT's IA3 "
+                             f"add_weighted_adapter); combination_type={options.combination_type!r} does not apply")
+        configs = [peft_model.peft_config[a] for a in adapters]
+        fields = {}
+        for field in ("target_modules", "feedforward_modules"):
+            values = [getattr(c, field) for c in configs]
+            if len({isinstance(v, str) for v in values}) > 1:
+                raise ValueError(f"add_weighted_adapter: the adapters' {field} mix regex strings and lists; give them "
+                                 f"all as lists (or all as regexes)")
+            fields[field] = ("|".join(f"(?:{v})" for v in values) if isinstance(values[0], str)
+                             else sorted(set().union(*(v or [] for v in values))))
+        with torch.random.fork_rng(devices=[]):   # the new vectors are overwritten below
+            peft_model.add_adapter(adapter_name, configs[0].replace(**fields))
+        for _, layer in self._layers_with(peft_model.model, adapter_name):
+            with torch.no_grad():
+                new = layer.adapters[adapter_name].ia3_l
+                new.zero_()
+                for a, w in zip(adapters, weights):
+                    if a in layer.adapters:
+                        new += layer.adapters[a].ia3_l * w
 
     def inject(self, model, config: IA3Config, adapter_name: str) -> None:
         if config.feedforward_modules is None:

@@ -29,7 +29,7 @@ def add_weighted_lora(tuner, peft_model, adapters: list[str], weights: list[floa
     "dare_ties", "magnitude_prune"; equal ranks) merge the A's weighted by sign(w·s)·√|w·s| and the B's by √|w·s|;
     "cat" stacks them (rank Σr, exact); the "*svd" types merge the ΔW's weighted by w and keep the top svd_rank
     (default max r) singular directions. The result has scale 1 (alpha = r)."""
-    kind = "linear" if len(adapters) == 1 else options.combination_type
+    kind = "linear" if len(adapters) == 1 else (options.combination_type or "svd")
     configs = [peft_model.peft_config[a] for a in adapters]
     if any(c.use_dora for c in configs):
         raise ValueError("add_weighted_adapter cannot combine DoRA adapters (their update is not additive)")
