@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import peftlab
-from conftest import perturb_trainable, tiny_llama, token_batch
+from conftest import perturb_trainable, tiny_bert, tiny_llama, token_batch
 from peftlab.core.routing import RoutingContext, balance_loss
 from peftlab.methods.moe_lora import MoeLoraConfig, MoeLoraLinear
 
@@ -273,22 +273,29 @@ def test_sparse_slot_runs_only_on_routed_tokens():
     torch.testing.assert_close(weighted_rows(lambda t: 2 * t, h, w, into, sparse=False), out)
 
 
+# (model, task_type, its block 1's query projection): MoA on a LLaMA-like and on a BERT-like block
+MOA_ARCHS = {"llama": (tiny_llama, "CAUSAL_LM", lambda m: m.base_model.model.model.layers[1].self_attn.q_proj),
+             "bert": (tiny_bert, "SEQ_CLS", lambda m: m.base_model.model.bert.encoder.layer[1].attention.self.query)}
+
+
+@pytest.mark.parametrize("arch", sorted(MOA_ARCHS))
 @pytest.mark.parametrize("mode", ["soft", "sparse"])
-def test_moa_lora_slot_is_weighted_by_its_router_output(mode):
+def test_moa_lora_slot_is_weighted_by_its_router_output(mode, arch):
     from peftlab.methods.moa import MoaConfig
-    model = peftlab.get_peft_model(tiny_llama(), MoaConfig(mode=mode, r=2))
+    build, task_type, query = MOA_ARCHS[arch]
+    model = peftlab.get_peft_model(build(), MoaConfig(mode=mode, r=2, task_type=task_type))
     perturb_trainable(model, std=0.3)
     model.eval()
     seen = {}
-    block = model.base_model.model.model.layers[1].self_attn
-    hooks = [block.q_proj.register_forward_hook(lambda m, i, o: seen.update(q=(i[0], o))),
-             block.q_proj.base_layer.register_forward_hook(lambda m, i, o: seen.update(q_base=o))]
+    q_proj = query(model)
+    hooks = [q_proj.register_forward_hook(lambda m, i, o: seen.update(q=(i[0], o))),
+             q_proj.base_layer.register_forward_hook(lambda m, i, o: seen.update(q_base=o))]
     with torch.no_grad():
         model(**token_batch())
     for hk in hooks:
         hk.remove()
     x, y = seen["q"]
-    site = block.q_proj.adapters["default"]
+    site = q_proj.adapters["default"]
     h = x.reshape(-1, x.shape[-1])
     w = _moa_router_reference(site.router, h)[:, 0]            # slot 0 is q_proj's LoRA
     if mode == "sparse":

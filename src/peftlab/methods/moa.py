@@ -33,7 +33,7 @@ from ..core.registry import MethodInfo, register_method, register_tuner
 from ..core.routing import RoutedAdapter, RoutedLayerTuner, RoutingContext, RoutingRecorder
 from ..core.targets import linear_features
 from ..core.tuner import set_submodule
-from ..hf.modules import LLAMA_LIKE, block_modules, layout_of
+from ..hf.modules import BERT_LIKE, LLAMA_LIKE, block_modules, layout_of
 
 MODES = ("soft", "sparse")
 STE_TEMPERATURE = 0.1
@@ -77,10 +77,16 @@ class MoaConfig(PeftConfig):
         return list(self.lora_modules) + ["parallel_adapter"] + (["prompt"] if self.prompt_on else [])
 
 
-# a LLaMA-like block's projections, relative to the block (hf/modules.py's LLAMA_LIKE layout)
+# Each layout's block projections, relative to the block, under LLaMA's names (the names lora_modules uses).
+# A BERT-like block has no gate projection; its FFN input is intermediate.dense's input, its output output.dense's.
 BLOCK_SITES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
                "o_proj": LLAMA_LIKE.attn_out, "gate_proj": "mlp.gate_proj", "up_proj": LLAMA_LIKE.ffn_in,
                "down_proj": LLAMA_LIKE.ffn_out}
+SITES_BY_LAYOUT = {
+    LLAMA_LIKE: BLOCK_SITES,
+    BERT_LIKE: {"q_proj": "attention.self.query", "k_proj": "attention.self.key", "v_proj": "attention.self.value",
+                "o_proj": BERT_LIKE.attn_out, "up_proj": BERT_LIKE.ffn_in, "down_proj": BERT_LIKE.ffn_out},
+}
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")
 
 
@@ -216,24 +222,31 @@ class MoaSite(RoutedAdapter):
 @register_tuner("MOA", MoaConfig)
 class MoaTuner(RoutedLayerTuner):
     def inject(self, model, config: MoaConfig, adapter_name):
-        if layout_of(model) is not LLAMA_LIKE:
-            raise ValueError(f"MoA needs a LLaMA-like block (self_attn.q/k/v/o_proj, mlp.gate/up/down_proj); "
+        sites_of = SITES_BY_LAYOUT.get(layout_of(model))
+        if sites_of is None:
+            raise ValueError(f"MoA needs a LLaMA-like (self_attn.q/k/v/o_proj, mlp.up/down_proj) or BERT-like "
+                             f"(attention.self.query/key/value, intermediate/output.dense) block; "
                              f"{model.config.model_type} models are laid out otherwise")
+        missing = sorted(set(config.lora_modules) - set(sites_of))
+        if missing:
+            raise ValueError(f"MoA: lora_modules {missing} do not exist in a {model.config.model_type} block; "
+                             f"choose from {', '.join(sites_of)}")
         layers = config.layers_to_transform
         layers = [layers] if isinstance(layers, int) else layers
         context, cfg_model = RoutingContext(), model.config
         slots = config.slot_names()
         head_dim = getattr(cfg_model, "head_dim", None) or cfg_model.hidden_size // cfg_model.num_attention_heads
-        heads = (cfg_model.num_attention_heads, cfg_model.num_key_value_heads, head_dim)
+        heads = (cfg_model.num_attention_heads,
+                 getattr(cfg_model, "num_key_value_heads", None) or cfg_model.num_attention_heads, head_dim)
         # q_proj routes, up_proj records the FFN input, down_proj adds the adapter, o_proj the prompt expert
         sites = {"q_proj", "up_proj", "down_proj", *config.lora_modules} | ({"o_proj"} if config.prompt_on else set())
-        for block_q in block_modules(model, BLOCK_SITES["q_proj"], layers):
-            prefix = block_q[: -len(BLOCK_SITES["q_proj"])]
+        for block_q in block_modules(model, sites_of["q_proj"], layers):
+            prefix = block_q[: -len(sites_of["q_proj"])]
             block = BlockRouting(slots, config.mode == "sparse")
-            kv = (self._base(model, prefix + BLOCK_SITES["k_proj"]), self._base(model, prefix + BLOCK_SITES["v_proj"]))
+            kv = (self._base(model, prefix + sites_of["k_proj"]), self._base(model, prefix + sites_of["v_proj"]))
             for s in sorted(sites):
-                layer = self._wrapped(model, prefix + BLOCK_SITES[s])
-                d_in, d_out, _ = linear_features("MoA", layer.base_layer, prefix + BLOCK_SITES[s])
+                layer = self._wrapped(model, prefix + sites_of[s])
+                d_in, d_out, _ = linear_features("MoA", layer.base_layer, prefix + sites_of[s])
                 parts: dict = {}
                 if s == "q_proj":
                     parts["router"] = MoaRouter(d_in, len(slots), config, context)
