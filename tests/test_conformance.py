@@ -48,12 +48,26 @@ def _save_tt_lora_experts():
 
 
 _TT_LORA_EXPERTS = tempfile.TemporaryDirectory(prefix="peftlab-tt-lora-experts-")
+_LORA_SOURCES = tempfile.TemporaryDirectory(prefix="peftlab-smile-sources-")
+
+
+def _smile_sources():
+    # SMILE is built from finished LoRA adapters: two, saved once per session (the caller's seed untouched)
+    dirs = [os.path.join(_LORA_SOURCES.name, f"task{i}") for i in range(2)]
+    if not os.listdir(_LORA_SOURCES.name):
+        with torch.random.fork_rng():
+            for i, d in enumerate(dirs):
+                m = peftlab.get_peft_model(tiny_llama(), peftlab.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+                perturb_trainable(m, seed=i, std=0.3)
+                m.save_pretrained(d)
+    return dict(adapter_dirs=dirs, top_k=2)
 
 SMALL_MODEL = {
     "bitfit": lambda: dict(add_bias=True),  # the tiny LLaMA has no biases: BitFit there means adding them
     "fourierft": lambda: dict(n_frequency=64, init_weights=True),  # 1000 frequencies exceed its 16×32 layers
     "corda": _corda_cached,
     "tt-lora-moe": _tt_lora_experts,
+    "smile": _smile_sources,
 }
 
 

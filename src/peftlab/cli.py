@@ -23,7 +23,8 @@ if sys.argv[1:2] == ["bench"]:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .cli_options import COMMON, CONFIGS, OWN_CONFIG, TABLES
-from .train.jobs import EvalConfig, JobConfig, JobError, MergeConfig, run_eval, run_job, run_merge
+from .train.jobs import (ComposeConfig, EvalConfig, JobConfig, JobError, MergeConfig, run_compose, run_eval, run_job,
+                         run_merge)
 from .train.jobs.config import check_keys, option_key, read_yaml_mapping
 from .train.jobs.run import jsonable
 
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
              "train": "fine-tune a model with a method on a task or JSONL data",
              "eval": "evaluate a model (with an adapter) on a task or JSONL data",
              "merge": "merge an adapter into its base model and save a plain Transformers model",
+             "compose": "build one adapter from several, without training (smile: a sparse mixture of SVD experts)",
              "bench": "run methods side by side on one model, task and budget; write results, table and report",
              "advise": "rank methods for a model and constraints from measured bench results"}
     for name in helps:
@@ -69,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
             sp.add_argument("name", nargs="?", help="model to fetch")
             sp.add_argument("--force", action="store_true", help="fetch again even if cached")
+        if name == "compose":
+            sp.add_argument("kind", choices=["smile"], help="what to compose")
         shown = defaults(name)
         for flags, kw in _table(name):
             kw, default = dict(kw), shown[_dest(flags)]
@@ -175,6 +179,11 @@ def cmd_merge(o: dict, out: Out) -> dict:
     return run_merge(MergeConfig.from_dict(_options(o)), say=out.say)
 
 
+def cmd_compose(o: dict, out: Out) -> dict:
+    _quiet()
+    return run_compose(ComposeConfig.from_dict({k: v for k, v in _options(o).items() if k != "kind"}), say=out.say)
+
+
 def cmd_bench(o: dict, out: Out) -> dict:
     _quiet()
     from .bench import load_bench_config, run_bench
@@ -218,7 +227,7 @@ def _launch(nproc: int, argv: list[str]) -> int:
 
 
 COMMANDS = {"methods": cmd_methods, "models": cmd_models, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge,
-            "bench": cmd_bench, "advise": cmd_advise}
+            "compose": cmd_compose, "bench": cmd_bench, "advise": cmd_advise}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

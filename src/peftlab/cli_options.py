@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .train.jobs import EvalConfig, JobConfig, MergeConfig
+from .train.jobs import ComposeConfig, EvalConfig, JobConfig, MergeConfig
 
 
 def _opt(*flags, **kw):
@@ -86,6 +86,14 @@ MERGE = [
     _opt("--requantize", action="store_true",
          help="quantised base: quantise the merged weights again (default: save them dense)"),
 ]
+COMPOSE = [
+    _opt("--adapters", help="comma-separated LoRA adapter directories (or train runs' --output), one expert each"),
+    _opt("--models", help="comma-separated fine-tuned model directories of the same base, one expert each"),
+    _opt("--output", help="directory for the composed adapter"),
+    _opt("--k", type=int, help="expert rank (default: the sources' largest LoRA rank; models: 32)"),
+    _opt("--gate-k", type=int, help="right singular vectors per expert in the gate"),
+    _opt("--top-k", type=int, help="experts per token"),
+]
 # `bench --config` names a bench configuration (shipped or a file), not a YAML file of flags, so bench has its
 # own --config and --json instead of COMMON's.
 BENCH = [
@@ -107,9 +115,9 @@ ADVISE = [
     _opt("--results", help="a bench results.json (default: the shipped survey-table results)"),
     _opt("--top", type=int, help="how many methods to list (default 5)"),
 ]
-TABLES = {"train": MODEL + DATA + TRAIN, "eval": MODEL + DATA + EVAL, "merge": MODEL + MERGE, "methods": [],
-          "models": [], "bench": BENCH, "advise": ADVISE}
+TABLES = {"train": MODEL + DATA + TRAIN, "eval": MODEL + DATA + EVAL, "merge": MODEL + MERGE,
+          "compose": MODEL + COMPOSE, "methods": [], "models": [], "bench": BENCH, "advise": ADVISE}
 OWN_CONFIG = {"bench"}  # commands whose --config is not a YAML file of their flags
-CONFIGS = {"train": JobConfig, "eval": EvalConfig, "merge": MergeConfig}  # each table's fields, with defaults
+CONFIGS = {"train": JobConfig, "eval": EvalConfig, "merge": MergeConfig, "compose": ComposeConfig}  # each table's fields, with defaults
 
 

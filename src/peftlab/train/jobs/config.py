@@ -149,6 +149,18 @@ class EvalConfig(DataOptions):
 
 
 @dataclass
+class ComposeConfig(ModelOptions):
+    """A composition built without training: what `peftlab compose smile` takes (run it with run_compose): SMILE's
+    SVD experts from the sources behind an SVD gate (methods/smile.py)."""
+    adapters: Optional[str] = None     # comma-separated LoRA adapter directories (or train runs' --output)
+    models: Optional[str] = None       # comma-separated fine-tuned model directories of the same base
+    output: Optional[str] = None       # directory for the composed adapter
+    k: Optional[int] = None            # SMILE expert rank (default: the sources' largest LoRA rank)
+    gate_k: int = 4                    # SMILE gate: right singular vectors per expert
+    top_k: int = 1                     # SMILE: experts per token
+
+
+@dataclass
 class MergeConfig(ModelOptions):
     """A merge: what `peftlab merge` takes (run it with run_merge). seed is unused; the model options are shared."""
     adapter: Optional[str] = None      # adapter directory, or a train run's --output (its adapter/)
