@@ -15,7 +15,9 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -50,8 +52,10 @@ def worker(fsdp: bool) -> None:
 
     mem = measure_peak(step)
     rank = state.rank
-    print("RESULT " + json.dumps({"rank": rank, "world": state.world, **mem, "rss_anon_end": _status("RssAnon"),
-                                  "s_per_step": statistics.median(times[1:])}), flush=True)
+    # one file per rank: the ranks' stdout lines interleave under torchrun
+    with open(os.path.join(os.environ["PEFTLAB_BENCH_OUT"], f"rank{rank}.json"), "w") as f:
+        json.dump({"rank": rank, "world": state.world, **mem, "rss_anon_end": _status("RssAnon"),
+                   "s_per_step": statistics.median(times[1:])}, f)
     if "WORLD_SIZE" in os.environ:
         torch.distributed.destroy_process_group()
 
@@ -66,8 +70,9 @@ def run(mode: str) -> list[dict]:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", me, "--worker",
                *(["--fsdp"] if "--fsdp" in extra else [])]
         env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    rows = [json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    with tempfile.TemporaryDirectory() as results:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, PEFTLAB_BENCH_OUT=results))
+        rows = [json.loads(f.read_text()) for f in sorted(Path(results).glob("rank*.json"))]
     if out.returncode or not rows:
         print(out.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"{mode}: failed")
