@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
              "train": "fine-tune a model with a method on a task or JSONL data",
              "eval": "evaluate a model (with an adapter) on a task or JSONL data",
              "merge": "merge an adapter into its base model and save a plain Transformers model",
-             "compose": "build one adapter from several, without training (smile: a sparse mixture of SVD experts)",
+             "compose": "build one adapter from several without gradient training (smile: a sparse mixture of SVD "
+                        "experts; lorahub: composition weights searched on a few examples)",
              "bench": "run methods side by side on one model, task and budget; write results, table and report",
              "advise": "rank methods for a model and constraints from measured bench results"}
     for name in helps:
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("name", nargs="?", help="model to fetch")
             sp.add_argument("--force", action="store_true", help="fetch again even if cached")
         if name == "compose":
-            sp.add_argument("kind", choices=["smile"], help="what to compose")
+            sp.add_argument("kind", choices=["smile", "lorahub"], help="what to compose")
         shown = defaults(name)
         for flags, kw in _table(name):
             kw, default = dict(kw), shown[_dest(flags)]
@@ -181,7 +182,9 @@ def cmd_merge(o: dict, out: Out) -> dict:
 
 def cmd_compose(o: dict, out: Out) -> dict:
     _quiet()
-    return run_compose(ComposeConfig.from_dict({k: v for k, v in _options(o).items() if k != "kind"}), say=out.say)
+    options = _options(o)
+    kind = options.pop("kind")
+    return run_compose(ComposeConfig.from_dict(options), kind, say=out.say)
 
 
 def cmd_bench(o: dict, out: Out) -> dict:

@@ -88,11 +88,14 @@ MERGE = [
 ]
 COMPOSE = [
     _opt("--adapters", help="comma-separated LoRA adapter directories (or train runs' --output), one expert each"),
-    _opt("--models", help="comma-separated fine-tuned model directories of the same base, one expert each"),
+    _opt("--models", help="smile: comma-separated fine-tuned model directories of the same base, one expert each"),
     _opt("--output", help="directory for the composed adapter"),
-    _opt("--k", type=int, help="expert rank (default: the sources' largest LoRA rank; models: 32)"),
-    _opt("--gate-k", type=int, help="right singular vectors per expert in the gate"),
-    _opt("--top-k", type=int, help="experts per token"),
+    _opt("--k", type=int, help="smile: expert rank (default: the sources' largest LoRA rank; models: 32)"),
+    _opt("--gate-k", type=int, help="smile: right singular vectors per expert in the gate"),
+    _opt("--top-k", type=int, help="smile: experts per token"),
+    _opt("--shots", type=int, help="lorahub: examples of the new task (from --task's training split or --data)"),
+    _opt("--budget", type=int, help="lorahub: evaluations of the few-shot objective (CMA-ES)"),
+    _opt("--l1", type=float, help="lorahub: weight of the l1 penalty on the composition weights"),
 ]
 # `bench --config` names a bench configuration (shipped or a file), not a YAML file of flags, so bench has its
 # own --config and --json instead of COMMON's.
@@ -116,7 +119,7 @@ ADVISE = [
     _opt("--top", type=int, help="how many methods to list (default 5)"),
 ]
 TABLES = {"train": MODEL + DATA + TRAIN, "eval": MODEL + DATA + EVAL, "merge": MODEL + MERGE,
-          "compose": MODEL + COMPOSE, "methods": [], "models": [], "bench": BENCH, "advise": ADVISE}
+          "compose": MODEL + DATA + COMPOSE, "methods": [], "models": [], "bench": BENCH, "advise": ADVISE}
 OWN_CONFIG = {"bench"}  # commands whose --config is not a YAML file of their flags
 CONFIGS = {"train": JobConfig, "eval": EvalConfig, "merge": MergeConfig, "compose": ComposeConfig}  # each table's fields, with defaults
 

@@ -149,15 +149,20 @@ class EvalConfig(DataOptions):
 
 
 @dataclass
-class ComposeConfig(ModelOptions):
-    """A composition built without training: what `peftlab compose smile` takes (run it with run_compose): SMILE's
-    SVD experts from the sources behind an SVD gate (methods/smile.py)."""
+class ComposeConfig(DataOptions):
+    """One adapter built from several without gradient training: what `peftlab compose smile|lorahub` takes (run it
+    with run_compose). smile: SVD experts of the sources behind an SVD gate (methods/smile.py); lorahub: the
+    weights of a linear composition of LoRA adapters searched on a few examples of the new task (--task/--data;
+    methods/lora/lorahub.py)."""
     adapters: Optional[str] = None     # comma-separated LoRA adapter directories (or train runs' --output)
-    models: Optional[str] = None       # comma-separated fine-tuned model directories of the same base
+    models: Optional[str] = None       # smile: comma-separated fine-tuned model directories of the same base
     output: Optional[str] = None       # directory for the composed adapter
-    k: Optional[int] = None            # SMILE expert rank (default: the sources' largest LoRA rank)
-    gate_k: int = 4                    # SMILE gate: right singular vectors per expert
-    top_k: int = 1                     # SMILE: experts per token
+    k: Optional[int] = None            # smile: expert rank (default: the sources' largest LoRA rank)
+    gate_k: int = 4                    # smile: right singular vectors per expert in the gate
+    top_k: int = 1                     # smile: experts per token
+    shots: int = 5                     # lorahub: examples of the new task the weights are fitted on
+    budget: int = 40                   # lorahub: evaluations of the few-shot objective
+    l1: float = 0.05                   # lorahub: the objective's l1 · Σ|w| term
 
 
 @dataclass
