@@ -28,7 +28,7 @@ warnings.filterwarnings("ignore", message=".*inputs will be cast from torch.floa
 
 KINDS = ["nf4", "fp4", "int8"]
 # methods that train the base weights in place cannot train packed ones (they refuse, see below)
-REFUSING = {"full", "rocoft", "child-tuning"}
+REFUSING = {"full", "rocoft", "child-tuning", "pafi"}
 # methods whose init writes a residual into the base: requantised, so not equal to the dense reference
 RESIDUAL = {"pissa", "corda"}
 COMPARED = sorted(m.name for m in peftlab.list_methods() if m.name not in REFUSING | RESIDUAL)
