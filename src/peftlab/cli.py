@@ -23,8 +23,8 @@ if sys.argv[1:2] == ["bench"]:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .cli_options import COMMON, CONFIGS, OWN_CONFIG, TABLES
-from .train.jobs import (ComposeConfig, EvalConfig, JobConfig, JobError, MergeConfig, run_compose, run_eval, run_job,
-                         run_merge)
+from .train.jobs import (ComposeConfig, ContinualConfig, EvalConfig, JobConfig, JobError, MergeConfig, run_compose,
+                         run_continual, run_eval, run_job, run_merge)
 from .train.jobs.config import check_keys, option_key, read_yaml_mapping
 from .train.jobs.run import jsonable
 
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
              "merge": "merge an adapter into its base model and save a plain Transformers model",
              "compose": "build one adapter from several without gradient training (smile: a sparse mixture of SVD "
                         "experts; lorahub: composition weights searched on a few examples)",
+             "continual": "learn a sequence of tasks with one adapter; evaluate every task after each stage",
              "bench": "run methods side by side on one model, task and budget; write results, table and report",
              "advise": "rank methods for a model and constraints from measured bench results"}
     for name in helps:
@@ -187,6 +188,11 @@ def cmd_compose(o: dict, out: Out) -> dict:
     return run_compose(ComposeConfig.from_dict(options), kind, say=out.say)
 
 
+def cmd_continual(o: dict, out: Out) -> dict:
+    _quiet()
+    return run_continual(ContinualConfig.from_dict(_options(o)), say=out.say)
+
+
 def cmd_bench(o: dict, out: Out) -> dict:
     _quiet()
     from .bench import load_bench_config, run_bench
@@ -230,7 +236,7 @@ def _launch(nproc: int, argv: list[str]) -> int:
 
 
 COMMANDS = {"methods": cmd_methods, "models": cmd_models, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge,
-            "compose": cmd_compose, "bench": cmd_bench, "advise": cmd_advise}
+            "compose": cmd_compose, "continual": cmd_continual, "bench": cmd_bench, "advise": cmd_advise}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .train.jobs import ComposeConfig, EvalConfig, JobConfig, MergeConfig
+from .train.jobs import ComposeConfig, ContinualConfig, EvalConfig, JobConfig, MergeConfig
 
 
 def _opt(*flags, **kw):
@@ -97,6 +97,9 @@ COMPOSE = [
     _opt("--budget", type=int, help="lorahub: evaluations of the few-shot objective (CMA-ES)"),
     _opt("--l1", type=float, help="lorahub: weight of the l1 penalty on the composition weights"),
 ]
+CONTINUAL = [
+    _opt("--tasks", help="comma-separated built-in tasks, learnt in this order by one adapter"),
+]
 # `bench --config` names a bench configuration (shipped or a file), not a YAML file of flags, so bench has its
 # own --config and --json instead of COMMON's.
 BENCH = [
@@ -119,8 +122,9 @@ ADVISE = [
     _opt("--top", type=int, help="how many methods to list (default 5)"),
 ]
 TABLES = {"train": MODEL + DATA + TRAIN, "eval": MODEL + DATA + EVAL, "merge": MODEL + MERGE,
-          "compose": MODEL + DATA + COMPOSE, "methods": [], "models": [], "bench": BENCH, "advise": ADVISE}
+          "compose": MODEL + DATA + COMPOSE, "continual": MODEL + DATA + TRAIN + CONTINUAL, "methods": [], "models": [], "bench": BENCH, "advise": ADVISE}
 OWN_CONFIG = {"bench"}  # commands whose --config is not a YAML file of their flags
-CONFIGS = {"train": JobConfig, "eval": EvalConfig, "merge": MergeConfig, "compose": ComposeConfig}  # each table's fields, with defaults
+CONFIGS = {"train": JobConfig, "eval": EvalConfig, "merge": MergeConfig, "compose": ComposeConfig,
+           "continual": ContinualConfig}  # each table's fields, with defaults
 
 

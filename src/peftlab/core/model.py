@@ -256,6 +256,14 @@ class PeftModel(MergeMethods, nn.Module):
         with self._mixed_batch(adapter_names):
             return self.model.generate(*args, **kwargs)
 
+    def end_task(self, batches) -> None:
+        """Continual learning, after training on a task: the active adapters whose method consolidates tasks
+        (Tuner.consolidates_tasks, e.g. EWC-LoRA) record what they must keep, from `batches` of that task (dicts
+        with labels); a no-op for the others (sequential fine-tuning)."""
+        for name, cfg, tuner in self._active_tuners():
+            if tuner.consolidates_tasks:
+                tuner.end_task(self.model, name, cfg, batches)
+
     def on_step_end(self, step: int) -> None:
         """Per-step method hooks (call after backward, before zero_grad); a no-op for most methods."""
         for name, cfg, tuner in self._active_tuners():

@@ -63,9 +63,16 @@ class Tuner:
     # takes_task_ids: prepare_inputs consumes the forward's `task_ids` (per-row task labels, from data records'
     # "expert" key: TT-LoRA MoE's router targets); for other tuners PeftModel drops them before the base model
     takes_task_ids = False
+    # consolidates_tasks: a continual-learning method that records what it must keep after each task
+    # (end_task: EWC-LoRA's Fisher information and anchor); PeftModel.end_task(batches) calls it
+    consolidates_tasks = False
 
     def inject(self, model: nn.Module, config, adapter_name: str) -> None:
         raise NotImplementedError
+
+    def end_task(self, model: nn.Module, adapter_name: str, config, batches) -> None:
+        """After training on a task (continual learning): consolidate it, from some of its batches."""
+        raise NotImplementedError  # only reached when consolidates_tasks is True
 
     def export_state(self, model: nn.Module, adapter_name: str, config) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -13,6 +13,8 @@ replication.py  layer_replication: repeated decoder layers sharing base weights
 combine.py  add_weighted_adapter's combinations
 tuner.py    LoraTuner (peft_type "LORA") and the registry names lora / rslora / pissa / dora
 fa.py       LoRA-FA (A frozen), dropout.py LoRA-dropout: own peft_types, LoRA's file layout
+ewc.py      EWC-LoRA: elastic weight consolidation across a sequence of tasks (peftlab continual)
+lorahub.py  LoraHub: composition weights of several LoRAs searched on a few examples (peftlab compose lorahub)
 The fused kernels these layers run are in core/functional.py: sibling fusion and mixed batches (core) call them
 through the low-rank operand protocol, not through this package.
 """
@@ -21,10 +23,11 @@ from .corda import CordaConfig, CordaLoraConfig, preprocess_corda
 from .dora import DoraLinear
 from .eva import get_eva_state_dict, initialize_lora_eva_weights
 from .dropout import LoraDropoutConfig, LoraDropoutLinear
+from .ewc import EwcLoraConfig
 from .fa import LoraFaConfig, LoraFaLinear
 from .layers import LoraEmbedding, LoraLinear, linear_lora_kwargs, lora_scale
 from .tuner import LoraTuner
 
-__all__ = ["CordaConfig", "CordaLoraConfig", "DoraLinear", "EvaConfig", "LoftQConfig", "LoraConfig", "LoraDropoutConfig",
+__all__ = ["CordaConfig", "CordaLoraConfig", "DoraLinear", "EvaConfig", "EwcLoraConfig", "LoftQConfig", "LoraConfig", "LoraDropoutConfig",
            "LoraDropoutLinear", "LoraEmbedding", "LoraFaConfig", "LoraFaLinear", "LoraLinear", "LoraTuner",
            "get_eva_state_dict", "initialize_lora_eva_weights", "linear_lora_kwargs", "lora_scale", "preprocess_corda"]

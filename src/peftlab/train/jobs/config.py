@@ -149,6 +149,13 @@ class EvalConfig(DataOptions):
 
 
 @dataclass
+class ContinualConfig(JobConfig):
+    """A sequence of tasks learnt one after the other by one adapter: what `peftlab continual` takes (run it with
+    run_continual); the training options apply to every stage."""
+    tasks: Optional[str] = None        # comma-separated built-in tasks, in the order they are learnt
+
+
+@dataclass
 class ComposeConfig(DataOptions):
     """One adapter built from several without gradient training: what `peftlab compose smile|lorahub` takes (run it
     with run_compose). smile: SVD experts of the sources behind an SVD gate (methods/smile.py); lorahub: the
