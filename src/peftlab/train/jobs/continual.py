@@ -58,6 +58,8 @@ def run_continual(config: ContinualConfig, say: Say = quiet) -> dict:
         raise JobError("continual runs generation tasks (one adapter, exact match on each); "
                        + ", ".join(f"{d.name} is {d.kind}" for d in stages if d.kind != "generation"))
     output = output_dir(config.output, config.method, "continual")
+    if (output / "continual.json").exists():
+        raise JobError(f"{output} holds a finished continual run (continual.json); choose another --output")
     base, tok = load_base(config.model, config.device, "generation", None, config)
     configs = [dataclasses.replace(config, task=t) for t in tasks]
     evaluators = []
@@ -76,7 +78,9 @@ def run_continual(config: ContinualConfig, say: Say = quiet) -> dict:
     matrix, stage_rows = [], []
     for i, (task, (examples, collate), c) in enumerate(zip(tasks, encoded, configs), 1):
         stage_dir = output / f"stage-{i}-{task}"
-        tc = dataclasses.replace(train_config(c, stage_dir), save_every=None, progress=bool(config.progress))
+        # no checkpoints per stage (a stage is short; its adapter is saved below), and no resume across stages
+        tc = dataclasses.replace(train_config(c, stage_dir), output_dir=None, save_every=None,
+                                 progress=bool(config.progress))
         result = L.train(model, examples, collate, tc)
         micro, dev = tc.batch_size // tc.grad_accum, next(model.parameters()).device
         model.end_task({k: v.to(dev) for k, v in collate(examples[s:s + micro]).items()}   # consolidating methods
