@@ -420,6 +420,28 @@ def test_tt_lora_moe_router_cross_entropy_trains_the_router_only(tmp_path):
     assert all(p.grad is None for n, p in moe.named_parameters() if "tt_cores" in n)
 
 
+def test_tt_lora_moe_routes_a_training_row_on_its_prompt_alone(tmp_path):
+    """Training rows are prompt + completion with labels on the completion; the router must decide from what it
+    will see at inference (the prompt), so it pools the positions before the first labelled token."""
+    from peftlab.methods.tt_lora_moe import TTLoraMoeConfig, pooled_states
+    moe = peftlab.get_peft_model(tiny_llama(), TTLoraMoeConfig(expert_dirs=_stage1_dirs(tmp_path)))
+    prompt = torch.tensor([[5, 17, 9, 33, 21]])
+    full = torch.cat([prompt, torch.tensor([[40, 41, 2]])], 1)        # + a 3-token completion
+    labels = torch.full_like(full, -100)
+    labels[:, 5:] = full[:, 5:]
+    body = moe.base_model.model
+    with moe.disable_adapter():   # the router reads the frozen base (prepare_inputs turns the adapters off too)
+        last_p, mean_p = pooled_states(body, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)})
+        last_t, mean_t = pooled_states(body, {"input_ids": full, "attention_mask": torch.ones_like(full),
+                                              "labels": labels})
+        # labelled throughout (text data): pooled over every real token
+        last_a, _ = pooled_states(body, {"input_ids": full, "attention_mask": torch.ones_like(full), "labels": full})
+        last_n, _ = pooled_states(body, {"input_ids": full, "attention_mask": torch.ones_like(full)})
+    torch.testing.assert_close(last_t, last_p, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mean_t, mean_p, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last_a, last_n)
+
+
 def test_tt_lora_moe_refuses_other_adapters(tmp_path):
     from peftlab.methods.tt_lora_moe import TTLoraMoeConfig
     m = peftlab.get_peft_model(tiny_llama(), MoeLoraConfig(r=2, num_experts=2, top_k=1))

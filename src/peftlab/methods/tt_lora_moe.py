@@ -110,12 +110,21 @@ class TTLoraExperts(RoutedAdapter):
 
 
 def pooled_states(model: nn.Module, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(last real token's, mean over real tokens') final hidden state of the frozen body, (B, d) each."""
+    """(last prompt token's, mean over prompt tokens') final hidden state of the frozen body, (B, d) each.
+
+    The router decides from the input it will see at inference, where a generation request is its prompt alone:
+    so in a training batch with labels only the positions before a row's first labelled token count (the prompt
+    of a prompt/completion record), not the completion and its EOS. A row labelled throughout (text data) or a
+    batch without labels is pooled over all its real tokens."""
     inputs = {k: kwargs[k] for k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids") if k in kwargs}
     with torch.no_grad():
         h = model.base_model(**inputs).last_hidden_state                     # (B, T, d)
     mask = inputs.get("attention_mask")
     mask = torch.ones(h.shape[:2], device=h.device) if mask is None else mask.to(h.dtype)
+    labels = kwargs.get("labels")
+    if labels is not None and tuple(labels.shape) == tuple(mask.shape):
+        prompt = mask.bool() & ~((labels != -100).long().cumsum(1) > 0)
+        mask = torch.where(prompt.any(1, keepdim=True), prompt, mask.bool()).to(h.dtype)
     last = (mask * torch.arange(1, h.shape[1] + 1, device=h.device)).argmax(-1)   # the last real position
     mean = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
     return h[torch.arange(h.shape[0], device=h.device), last], mean
