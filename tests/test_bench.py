@@ -52,7 +52,7 @@ def test_grid_records_every_cell_and_a_failing_method_does_not_stop_it(bench_run
     vera = res["cells"]["vera@seed0"]
     assert vera["status"] == "failed" and "vera" in vera["error"].lower()
     moe = res["cells"]["tt-lora-moe@seed0"]
-    assert moe["status"] == "skipped" and "finished tt-lora runs, one per task" in moe["reason"]
+    assert moe["status"] == "skipped" and "builds on finished tt-lora runs, one per task" in moe["reason"]
     lora = res["cells"]["lora@seed0"]
     assert lora["status"] == "ok" and lora["category"] == "reparameterized" and lora["mergeable"]
     assert 0 < lora["trainable_pct"] < 100 and lora["adapter_bytes"] > 0 and lora["peak_memory_bytes"] > 0
@@ -82,8 +82,8 @@ def test_markdown_table_has_the_survey_columns_and_a_row_per_method(bench_run):
     lora = next(line for line in md.splitlines() if "| lora |" in line)
     assert "none once merged" in lora and " ± " in lora  # two seeds: mean ± sd
     assert "failed: " in next(line for line in md.splitlines() if "| vera |" in line)
-    assert "not run: stage 2 of a two-stage method" in next(line for line in md.splitlines()
-                                                               if "| tt-lora-moe |" in line)
+    assert "not run: it builds on finished tt-lora runs" in next(line for line in md.splitlines()
+                                                                 if "| tt-lora-moe |" in line)
 
 
 def test_resume_runs_only_new_and_failed_cells(bench_file, bench_run, tmp_path, monkeypatch):

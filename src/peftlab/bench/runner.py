@@ -166,9 +166,8 @@ def run_bench(bc: BenchConfig, output: str | Path, methods: Optional[list[str]] 
                  "mergeable": info.mergeable}
         if info.trains_on:
             cell = {**about, "status": "skipped",
-                    "reason": f"stage 2 of a two-stage method: it trains on finished {info.trains_on} runs, one per "
-                              f"task, which a single-task grid does not have (benchmarks/multi_domain.py measures "
-                              f"it)"}
+                    "reason": f"it builds on finished {info.trains_on} runs, one per task, which a single-task "
+                              f"grid does not have (its multi-task scenario is under benchmarks/results/)"}
         else:
             try:
                 cell = measure_cell(ctx, method, seed, workdir)
