@@ -74,8 +74,8 @@ def main() -> None:
         for name, d in zip(TASKS, dirs):
             m = peftlab.PeftModel.from_pretrained(load_model("smollm2-135m")[0].float(), d)
             own[name] = scores(m, tok, args.eval)[name]
-        lora_params = peftlab.PeftModel.from_pretrained(load_model("smollm2-135m")[0].float(), dirs[0]) \
-            .get_nb_trainable_parameters()[0]
+        one = peftlab.PeftModel.from_pretrained(load_model("smollm2-135m")[0].float(), dirs[0])
+        lora_params = sum(p.numel() for n, p in one.named_parameters() if ".adapters.default." in n)   # (frozen)
         row("each task's own LoRA (upper reference)", own, 3 * lora_params, "3 adapters, one per task")
         model = peftlab.PeftModel.from_pretrained(load_model("smollm2-135m")[0].float(), dirs[0], adapter_name="t0")
         for i, d in enumerate(dirs[1:], 1):
