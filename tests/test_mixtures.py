@@ -434,11 +434,15 @@ def test_tt_lora_moe_routes_a_training_row_on_its_prompt_alone(tmp_path):
         last_p, mean_p = pooled_states(body, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)})
         last_t, mean_t = pooled_states(body, {"input_ids": full, "attention_mask": torch.ones_like(full),
                                               "labels": labels})
+        # the training loop's trimmed labels (only the last columns, logits_to_keep) mark the same prompt
+        last_k, _ = pooled_states(body, {"input_ids": full, "attention_mask": torch.ones_like(full),
+                                         "labels": labels[:, -4:]})
         # labelled throughout (text data): pooled over every real token
         last_a, _ = pooled_states(body, {"input_ids": full, "attention_mask": torch.ones_like(full), "labels": full})
         last_n, _ = pooled_states(body, {"input_ids": full, "attention_mask": torch.ones_like(full)})
     torch.testing.assert_close(last_t, last_p, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mean_t, mean_p, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last_k, last_p, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(last_a, last_n)
 
 

@@ -122,7 +122,11 @@ def pooled_states(model: nn.Module, kwargs: dict) -> tuple[torch.Tensor, torch.T
     mask = inputs.get("attention_mask")
     mask = torch.ones(h.shape[:2], device=h.device) if mask is None else mask.to(h.dtype)
     labels = kwargs.get("labels")
-    if labels is not None and tuple(labels.shape) == tuple(mask.shape):
+    if labels is not None and labels.dim() == 2 and labels.shape[0] == mask.shape[0] \
+            and labels.shape[1] <= mask.shape[1]:
+        # the training loop keeps only the last columns of a left-padded batch's labels (logits_to_keep): they
+        # are the sequence's right end
+        labels = F.pad(labels, (mask.shape[1] - labels.shape[1], 0), value=-100)
         prompt = mask.bool() & ~((labels != -100).long().cumsum(1) > 0)
         mask = torch.where(prompt.any(1, keepdim=True), prompt, mask.bool()).to(h.dtype)
     last = (mask * torch.arange(1, h.shape[1] + 1, device=h.device)).argmax(-1)   # the last real position
