@@ -27,6 +27,7 @@ import torch.nn as nn
 from .layer import AdaptedLayer
 from .loading import check_shape, mismatch
 from .quantized import is_quantized, refuse_quantized_weight, weight_dtype
+from .targets import is_linear_like, resolve_targets
 from .tuner import Tuner
 
 SLOT = "peftlab_selective"          # the ModuleDict a selected module carries: adapter -> param -> Entry
@@ -247,6 +248,19 @@ def innermost(model: nn.Module, name: str) -> tuple[str, nn.Module]:
     while isinstance(module, AdaptedLayer):
         name, module = f"{name}.base_layer", module.base_layer
     return name, module
+
+
+def linear_targets(model: nn.Module, config, method: str, what: str) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every target of `config` (its innermost real module), refusing any that is not an
+    nn.Linear or Conv1D with "<method>: <name> is a <type>; it selects <what> of nn.Linear or Conv1D weights only"."""
+    out = []
+    for name in resolve_targets(model, config):
+        name, module = innermost(model, name)
+        if not is_linear_like(module):
+            raise ValueError(f"{method}: {name} is a {type(module).__name__}; it selects {what} of nn.Linear or "
+                             f"Conv1D weights only")
+        out.append((name, module))
+    return out
 
 
 class SelectiveTuner(Tuner):

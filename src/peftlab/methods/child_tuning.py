@@ -23,8 +23,7 @@ from ..core.calibration import device_of, iter_batches, model_inputs
 from ..core.config import PeftConfig
 from ..core.quantized import refuse_quantized_weight
 from ..core.registry import MethodInfo, register_method, register_tuner
-from ..core.selective import Selection, SelectiveTuner, innermost
-from ..core.targets import is_linear_like, resolve_targets
+from ..core.selective import Selection, SelectiveTuner, linear_targets
 
 MASK_ATTR = "_peftlab_child_tuning_mask"   # set on each target module by compute_fisher_mask, taken by inject
 
@@ -52,17 +51,6 @@ class ChildTuningConfig(PeftConfig):
         compute_fisher_mask(model, self, data, **kwargs)
 
 
-def _targets(model: nn.Module, config: ChildTuningConfig) -> list[tuple[str, nn.Module]]:
-    out = []
-    for name in resolve_targets(model, config):
-        name, module = innermost(model, name)
-        if not is_linear_like(module):
-            raise ValueError(f"Child-tuning: {name} is a {type(module).__name__}; it selects entries of nn.Linear "
-                             f"or Conv1D weights only")
-        out.append((name, module))
-    return out
-
-
 def _quantile(values: torch.Tensor, q: float) -> float:
     """numpy.percentile's linear interpolation, by partial sort (torch.quantile refuses > 16M elements)."""
     v = values.detach().cpu().numpy()
@@ -79,7 +67,7 @@ def compute_fisher_mask(model: nn.Module, config: ChildTuningConfig, data: Any, 
     `data`: batches/rows with labels (causal LMs without labels use their input_ids, padding ignored); any
     form core/calibration.py accepts. Returns {module name: bool mask (d_out, d_in)}.
     """
-    targets = _targets(model, config)
+    targets = linear_targets(model, config, "Child-tuning", "entries")
     for name, module in targets:
         refuse_quantized_weight("Child-tuning", name, module)
     weights = [m.weight for _, m in targets]
@@ -132,7 +120,7 @@ class ChildTuningTuner(SelectiveTuner):
 
     def select(self, model: nn.Module, config: ChildTuningConfig) -> list[Selection]:
         out = []
-        for name, module in _targets(model, config):
+        for name, module in linear_targets(model, config, "Child-tuning", "entries"):
             # No mask yet (loading a saved adapter): a pending selection, filled from the file; a forward before
             # that raises a clear error instead of training nothing.
             mask = module.__dict__.pop(MASK_ATTR, None)

@@ -19,8 +19,7 @@ import torch.nn as nn
 
 from ..core.config import PeftConfig
 from ..core.registry import MethodInfo, register_method, register_tuner
-from ..core.selective import Selection, SelectiveTuner, innermost, weight_view
-from ..core.targets import is_linear_like, resolve_targets
+from ..core.selective import Selection, SelectiveTuner, linear_targets, weight_view
 
 SCOPES = ("global", "per_matrix")
 
@@ -71,13 +70,8 @@ class PafiTuner(SelectiveTuner):
     partial_prefix = "pafi"
 
     def select(self, model: nn.Module, config: PafiConfig) -> list[Selection]:
-        weights = {}
-        for name in resolve_targets(model, config):
-            name, module = innermost(model, name)
-            if not is_linear_like(module):
-                raise ValueError(f"PaFi: {name} is a {type(module).__name__}; it selects entries of nn.Linear or "
-                                 f"Conv1D weights only")
-            weights[name] = weight_view(module, "weight", type(module).__name__ == "Conv1D")
+        weights = {name: weight_view(module, "weight", type(module).__name__ == "Conv1D")
+                   for name, module in linear_targets(model, config, "PaFi", "entries")}
         masks = smallest_magnitude_masks(weights, config.density, config.scope)
         return [Selection(name, "weight", "mask", mask) for name, mask in masks.items()]
 

@@ -16,8 +16,7 @@ import torch.nn as nn
 
 from ..core.config import PeftConfig
 from ..core.registry import MethodInfo, register_method, register_tuner
-from ..core.selective import Selection, SelectiveTuner, innermost, weight_view
-from ..core.targets import is_linear_like, resolve_targets
+from ..core.selective import Selection, SelectiveTuner, linear_targets, weight_view
 
 MODES = ("row", "column")
 
@@ -48,11 +47,7 @@ class RoCoFTTuner(SelectiveTuner):
 
     def select(self, model: nn.Module, config: RoCoFTConfig) -> list[Selection]:
         out = []
-        for name in resolve_targets(model, config):
-            name, module = innermost(model, name)
-            if not is_linear_like(module):
-                raise ValueError(f"RoCoFT: {name} is a {type(module).__name__}; it selects rows/columns of "
-                                 f"nn.Linear or Conv1D weights only")
+        for name, module in linear_targets(model, config, "RoCoFT", "rows/columns"):
             fifo = type(module).__name__ == "Conv1D"
             d_out, d_in = weight_view(module, "weight", fifo).shape
             size = d_out if config.mode == "row" else d_in
