@@ -23,10 +23,7 @@ import torch.nn as nn
 
 from ..core.model import PeftModel
 from ..core.quantized import is_quantized
-
-
-def _hf_model(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+from .loop import _hf_model
 
 
 def check_shardable(model: nn.Module) -> list[nn.Module]:

@@ -42,11 +42,11 @@ class EwcLoraConfig(LoraConfig):
 
 
 class EwcState(nn.Module):
-    """The Fisher diagonal and the anchor of one adapter's parameters (buffers named like the parameters)."""
+    """The Fisher diagonal and the anchor of one adapter's own parameters (buffers named like the parameters)."""
 
     def __init__(self, adapter: Adapter):
         super().__init__()
-        for name, p in adapter.named_parameters():
+        for name, p in adapter.named_parameters(recurse=False):
             self.register_buffer(name, torch.zeros_like(p.detach()))
 
 
@@ -73,16 +73,14 @@ class EwcLoraTuner(LoraTuner):
             return None
         total = None
         for adapter, fisher, anchor in _ewc_layers(model, adapter_name, self):
-            for name, p in adapter.named_parameters():
-                if "." in name:   # the EWC buffers' own modules hold no parameters; adapters' own only
-                    continue
+            for name, p in adapter.named_parameters(recurse=False):
                 term = (getattr(fisher, name) * (p - getattr(anchor, name)) ** 2).sum()
                 total = term if total is None else total + term
         return None if total is None else 0.5 * config.ewc_lambda * total
 
     def end_task(self, model, adapter_name, config: EwcLoraConfig, batches) -> None:
         layers = list(_ewc_layers(model, adapter_name, self))
-        params = [(a, n, p) for a, _, _ in layers for n, p in a.named_parameters() if "." not in n]
+        params = [(a, n, p) for a, _, _ in layers for n, p in a.named_parameters(recurse=False)]
         squares = [torch.zeros_like(p) for _, _, p in params]
         was_training, used = model.training, 0
         model.train()   # the Fisher of the training-mode model (dropout as in training)
