@@ -128,6 +128,16 @@ class RoutingRecorder(nn.Module):
         tokens gave each slot (assignments, or weights)."""
         self.stats.add(self.context.group, load, entropy(probs).sum(), probs.shape[0])
 
+    def record_topk(self, probs: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Record a top-k decision over every token (probs (N, S), slot indices (N, k)); padding tokens (the
+        context's mask) are left out. Returns the kept (probs, indices) and their assignments per slot (S,)."""
+        mask = self.context.mask_for(probs.shape[0])
+        kept_p, kept_i = (probs, idx) if mask is None else (probs[mask], idx[mask])
+        counts = torch.bincount(kept_i.reshape(-1), minlength=probs.shape[1])
+        with torch.no_grad():
+            self.record(kept_p, counts)
+        return kept_p, kept_i, counts
+
 
 class Router(RoutingRecorder):
     """A linear softmax router over `slots` slots with top-k; records statistics and its balance loss."""
@@ -143,13 +153,9 @@ class Router(RoutingRecorder):
         if logits is None:
             logits = x.to(self.weight.dtype) @ self.weight.t()
         probs, weights, idx = topk_route(logits, k)
-        mask = self.context.mask_for(x.shape[0])
-        kept_p, kept_i = (probs, idx) if mask is None else (probs[mask], idx[mask])
-        counts = torch.bincount(kept_i.reshape(-1), minlength=probs.shape[1])    # (S,), once for both uses
+        kept_p, kept_i, counts = self.record_topk(probs, idx)     # the counts serve the balance loss too
         if with_loss:
             self.context.losses.append(balance_loss(kept_p, kept_i, counts=counts))
-        with torch.no_grad():
-            self.record(kept_p, counts)
         return weights, idx
 
 

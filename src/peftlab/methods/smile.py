@@ -108,10 +108,7 @@ class SmileGate(RoutingRecorder):
     def forward(self, x: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         logits = (x @ self.weight.t()).view(-1, self.experts, self.gate_k).norm(dim=-1)      # (N, K)
         probs, weights, idx = topk_route(logits, top_k)
-        mask = self.context.mask_for(x.shape[0])
-        kept_p, kept_i = (probs, idx) if mask is None else (probs[mask], idx[mask])
-        with torch.no_grad():
-            self.record(kept_p, torch.bincount(kept_i.reshape(-1), minlength=self.experts))
+        self.record_topk(probs, idx)
         return weights, idx
 
 
