@@ -180,6 +180,18 @@ def test_smollm2_interop_both_ways(tmp_path, dora):
     assert fast_rel <= 1e-4  # measured 5e-6 with adapters perturbed far beyond trained ones (std 0.1)
 
 
+def _perturbed_in_both(theirs, names, tmp_path):
+    """Perturb each of HF PEFT's adapters `names` (distinct seeds), save them, and load the same files into peftlab."""
+    for i, name in enumerate(names):
+        theirs.set_adapter(name)
+        _perturb_trainable(theirs, seed=i)
+    theirs.save_pretrained(tmp_path)
+    ours = peftlab.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    for name in names[1:]:
+        ours.load_adapter(tmp_path / name, adapter_name=name)
+    return ours
+
+
 COMBINATIONS = [("linear", {}), ("cat", {}), ("svd", {}), ("svd", {"svd_rank": 3, "svd_clamp": 0.9}),
                 ("ties", {"density": 0.5}), ("ties", {"density": 0.3, "majority_sign_method": "frequency"}),
                 ("ties_svd", {"density": 0.5}), ("dare_linear", {"density": 0.5}), ("dare_ties", {"density": 0.6}),
@@ -195,13 +207,7 @@ def test_add_weighted_adapter_matches_peft(combination, options, tmp_path):
     theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     theirs.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "o_proj"]))
     theirs.add_adapter("c", peft.LoraConfig(r=4, lora_alpha=16, target_modules=["v_proj", "o_proj"]))
-    for i, name in enumerate(("default", "b", "c")):
-        theirs.set_adapter(name)
-        _perturb_trainable(theirs, seed=i)
-    theirs.save_pretrained(tmp_path)
-    ours = peftlab.PeftModel.from_pretrained(tiny_llama(), tmp_path)
-    for name in ("b", "c"):
-        ours.load_adapter(tmp_path / name, adapter_name=name)
+    ours = _perturbed_in_both(theirs, ("default", "b", "c"), tmp_path)
     generator_after = []
     for model in (theirs, ours):
         torch.manual_seed(11)   # DARE draws its masks from the global generator
@@ -224,12 +230,7 @@ def test_dare_on_embedding_adapters_matches_peft(combination, tmp_path):
     theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8,
                                                                target_modules=["embed_tokens", "q_proj"]))
     theirs.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=4, target_modules=["embed_tokens", "q_proj"]))
-    for i, name in enumerate(("default", "b")):
-        theirs.set_adapter(name)
-        _perturb_trainable(theirs, seed=i)
-    theirs.save_pretrained(tmp_path)
-    ours = peftlab.PeftModel.from_pretrained(tiny_llama(), tmp_path)
-    ours.load_adapter(tmp_path / "b", adapter_name="b")
+    ours = _perturbed_in_both(theirs, ("default", "b"), tmp_path)
     for model in (theirs, ours):
         torch.manual_seed(5)
         model.add_weighted_adapter(["default", "b"], [0.6, 0.8], "mix", combination_type=combination, density=0.5)
@@ -245,12 +246,7 @@ def test_ia3_add_weighted_adapter_matches_peft(tmp_path):
     theirs = peft.get_peft_model(tiny_llama(), peft.IA3Config(target_modules=["k_proj", "down_proj"],
                                                               feedforward_modules=["down_proj"]))
     theirs.add_adapter("b", peft.IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]))
-    for i, name in enumerate(("default", "b")):
-        theirs.set_adapter(name)
-        _perturb_trainable(theirs, seed=i)
-    theirs.save_pretrained(tmp_path)
-    ours = peftlab.PeftModel.from_pretrained(tiny_llama(), tmp_path)
-    ours.load_adapter(tmp_path / "b", adapter_name="b")
+    ours = _perturbed_in_both(theirs, ("default", "b"), tmp_path)
     for model in (theirs, ours):
         model.add_weighted_adapter(["default", "b"], [0.7, 0.6], "mix")
         model.set_adapter("mix")
