@@ -25,7 +25,7 @@ if sys.argv[1:2] == ["bench"]:
 from .cli_options import COMMON, CONFIGS, OWN_CONFIG, TABLES
 from .train.jobs import (ComposeConfig, ContinualConfig, EvalConfig, JobConfig, JobError, MergeConfig, run_compose,
                          run_continual, run_eval, run_job, run_merge)
-from .train.jobs.config import check_keys, option_key, read_yaml_mapping
+from .train.jobs.config import check_keys, comma_list, option_key, read_yaml_mapping
 from .train.jobs.run import jsonable
 
 EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -200,7 +200,7 @@ def cmd_bench(o: dict, out: Out) -> dict:
     if not o.get("config"):
         raise UsageError("bench needs --config NAME|FILE (shipped: survey-table, causal-lm)")
     config = load_bench_config(o["config"])
-    methods = [m.strip() for m in o["methods"].split(",") if m.strip()] if o.get("methods") else None
+    methods = comma_list(o.get("methods")) or None
     output = o.get("output") or f"bench-runs/{config.name}"
     results = run_bench(config, output, methods=methods, resume=bool(o.get("resume")), seeds=o.get("seeds"),
                         say=out.say, progress=o.get("progress") is not False,

@@ -6,16 +6,12 @@ import json
 from pathlib import Path
 
 from ...core.io import atomic_write_text
-from .config import ComposeConfig, JobError
+from .config import ComposeConfig, JobError, comma_list
 from .evaluate import Say, quiet
 from .inputs import adapter_directory, encode, load_base, load_data, sample
 
 KINDS = ("smile", "lorahub")
 HUB = "default"   # the composed adapter (the sources are loaded beside it as source0, source1, ...)
-
-
-def _dirs(value) -> list[str]:
-    return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
 def run_compose(config: ComposeConfig, kind: str = "smile", say: Say = quiet) -> dict:
@@ -26,7 +22,7 @@ def run_compose(config: ComposeConfig, kind: str = "smile", say: Say = quiet) ->
     for flag, value in (("model", config.model), ("output", config.output)):
         if not value:
             raise JobError(f"compose needs --{flag}")
-    adapters, models = [adapter_directory(d) for d in _dirs(config.adapters)], _dirs(config.models)
+    adapters, models = [adapter_directory(d) for d in comma_list(config.adapters)], comma_list(config.models)
     if len(adapters) + len(models) < 2:
         raise JobError(f"compose {kind} needs at least two sources: --adapters DIR1,DIR2,... (LoRA adapters or "
                        f"train runs)" + (" and/or --models DIR1,... (fine-tuned models of the same base)"

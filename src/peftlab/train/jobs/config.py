@@ -18,6 +18,11 @@ class JobError(ValueError):
     The command line reports it as a usage error (exit code 2)."""
 
 
+def comma_list(value: Optional[str]) -> list[str]:
+    """A comma-separated option ("a, b,c") as its non-empty items; [] for None or ""."""
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
 def option_key(name: Any) -> str:
     """`--batch-size`, `batch-size` and `batch_size` name the same option."""
     return str(name).lstrip("-").replace("-", "_")

@@ -21,7 +21,7 @@ import torch
 from ...core.io import atomic_write_text
 from .. import loop as L
 from ..metrics import forgetting_change
-from .config import ContinualConfig, JobError
+from .config import ContinualConfig, JobError, comma_list
 from .evaluate import Evaluator, Say, forgetting_probe, quiet
 from .inputs import encode, load_base, load_data, output_dir, pick_eval_records
 from .methods import method_config
@@ -40,7 +40,7 @@ def run_continual(config: ContinualConfig, say: Say = quiet) -> dict:
     """Train config.method on config.tasks in order; the summary `peftlab continual --json` prints (also written
     to OUTPUT/continual.json), with each stage's adapter in OUTPUT/stage-<i>-<task>/."""
     from ... import get_peft_model
-    tasks = [t.strip() for t in (config.tasks or "").split(",") if t.strip()]
+    tasks = comma_list(config.tasks)
     if len(tasks) < 2:
         raise JobError("continual needs --tasks A,B[,C...]: at least two built-in tasks, learnt in that order")
     if config.task or config.data:

@@ -9,14 +9,14 @@ import dataclasses
 from typing import Any, Optional, Sequence
 
 from ...core.registry import MethodInfo, get_method
-from .config import JobConfig, JobError
+from .config import JobConfig, JobError, comma_list
 
 
 def _target_modules(tm: Any):
     """"a,b" -> ["a", "b"]; "all-linear" and regexes (no comma, a regex character) stay one string."""
     if not isinstance(tm, str) or tm == "all-linear" or ("," not in tm and any(c in tm for c in "*.[(|")):
         return tm
-    return [t.strip() for t in tm.split(",") if t.strip()]
+    return comma_list(tm)
 
 
 def _set_items(items: Any) -> dict[str, Any]:
