@@ -54,7 +54,7 @@ def _enable_gradient_checkpointing(model) -> None:
     hf.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
 
 
-def _distributed():
+def distributed():
     """torch.distributed when this process is one of several, else None."""
     import torch.distributed as dist
     return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
@@ -180,7 +180,7 @@ def setup(model, train_examples: Sequence[dict], collate, cfg: TrainConfig,
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     micro = cfg.batch_size // cfg.grad_accum
-    dist = _distributed()
+    dist = distributed()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     if micro % world:
         raise ValueError(f"each micro-batch ({micro} = batch_size / grad_accum) must split evenly over the {world} "

@@ -64,15 +64,9 @@ def init_distributed(device_name: str) -> tuple[int, str]:
     return dist.get_rank(), device_name
 
 
-def barrier_needed() -> bool:
-    """Whether this process is one of several (torch.distributed initialised with more than one rank)."""
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def barrier() -> None:
-    if barrier_needed():
-        import torch.distributed as dist
+    dist = L.distributed()
+    if dist is not None:
         dist.barrier()
 
 
@@ -228,7 +222,7 @@ def run_prepared(job: PreparedJob, say: Say = quiet) -> dict:
     Under DDP the other ranks only train; under FSDP (config.fsdp) every forward needs every rank, so they also
     run the evaluations after training in lockstep with rank 0, which alone reports and saves."""
     config = job.config
-    lockstep = bool(config.fsdp) and barrier_needed()
+    lockstep = bool(config.fsdp) and L.distributed() is not None
     if job.rank and not lockstep:  # evaluation and saving happen on rank 0; the other processes only train
         barrier()
         _train(job)
