@@ -197,7 +197,7 @@ def test_kv_cache_shortcuts_match_the_plain_paths(monkeypatch):
     tok = char_tokenizer()
     model = lora_model()
     train(model, D.encode_causal(pc_records(), tok), D.Collator(0),
-          TrainConfig(steps=30, batch_size=4, lr=2e-2, progress=False))  # a model whose answers differ by prompt
+          TrainConfig(steps=30, batch_size=4, lr=2e-2, progress=False, group_by_length=False))  # answers differ by prompt
     recs = [dict(r, answers=[r["completion"].strip()]) for r in pc_records()]
     pairs = [("Q: abc?\nA:", c) for c in (" cba", " x", " hello")] + [("Q: sun?\nA:", c) for c in (" nus", " ab")]
     cached_lp = M.sequence_logprobs(model, tok, pairs, batch_size=8)

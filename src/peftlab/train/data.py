@@ -246,21 +246,51 @@ def sample_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-class BatchStream:
-    """Micro-batches in a deterministic order; `position` (micro-batches consumed) is the whole resume state."""
+MEGA_BATCH = 50   # batches whose examples are sorted by length together (HF Trainer's group_by_length uses 50 too)
 
-    def __init__(self, examples: Sequence[dict], batch_size: int, collate, seed: int = 0, position: int = 0):
+
+def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, offset: int = 0) -> list[int]:
+    """An epoch's order in which each batch holds examples of similar length (less padding), still random:
+    the epoch's shuffled order is cut into mega-batches of MEGA_BATCH batches, each sorted by length and cut
+    into batches, and the batches of a mega-batch are shuffled. `offset` examples at the start complete the
+    previous epoch's last batch (when the epoch length is not a multiple of batch_size) and are left as drawn.
+    A fixed function of its arguments, so a resumed run sees the same batches."""
+    order = sample_order(len(lengths), seed, epoch)
+    rng = random.Random(f"peftlab-groups-{seed}-{epoch}")
+    out, span = order[:offset], batch_size * MEGA_BATCH
+    for s in range(offset, len(order), span):
+        mega = sorted(order[s:s + span], key=lambda i: lengths[i])
+        groups = [mega[j:j + batch_size] for j in range(0, len(mega), batch_size)]
+        # a short last batch of the epoch stays last (it is completed by the next epoch's first examples)
+        full = groups if len(groups[-1]) == batch_size else groups[:-1]
+        rng.shuffle(full)
+        out.extend(i for g in full + groups[len(full):] for i in g)
+    return out
+
+
+class BatchStream:
+    """Micro-batches in a deterministic order; `position` (micro-batches consumed) is the whole resume state.
+    group_by_length: batches of similar-length examples (length_grouped_order), which pads less."""
+
+    def __init__(self, examples: Sequence[dict], batch_size: int, collate, seed: int = 0, position: int = 0,
+                 group_by_length: bool = False):
         if not examples:
             raise DataError("no training examples")
         self.examples, self.batch_size, self.collate, self.seed = examples, batch_size, collate, seed
         self.position = position
+        self.lengths = [len(e["input_ids"]) for e in examples] if group_by_length else None
         self._orders: dict[int, list[int]] = {}
 
     def _index(self, i: int) -> int:
         n = len(self.examples)
         epoch = i // n
         if epoch not in self._orders:
-            self._orders = {epoch: sample_order(n, self.seed, epoch)}
+            if self.lengths is None:
+                order = sample_order(n, self.seed, epoch)
+            else:  # batches run on from the previous epoch when n is not a multiple of the batch size
+                offset = (-epoch * n) % self.batch_size
+                order = length_grouped_order(self.lengths, self.batch_size, self.seed, epoch, min(offset, n))
+            self._orders = {epoch: order}
         return self._orders[epoch][i % n]
 
     @property

@@ -268,15 +268,25 @@ def eval_classification(model, tokenizer, examples: Sequence[dict], num_labels: 
 @torch.no_grad()
 def eval_loss(model, examples: Sequence[dict], collate, batch_size: int = 16) -> float:
     """Mean loss over labelled positions (causal) or rows (classification), weighted by their count."""
+    from ..core.model import PeftModel
+    from .label_loss import gathered_loss, head_of
     was = _eval_mode(model)
     dev, total, count = _device(model), 0.0, 0
+    hf = model.get_base_model() if isinstance(model, PeftModel) else model
+    head = head_of(hf)
     try:
         for i in range(0, len(examples), batch_size):
             batch = {k: v.to(dev) for k, v in collate(examples[i:i + batch_size]).items()}
             if not forward_accepts(model, "position_ids"):
                 batch.pop("position_ids", None)
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
             labels = batch["labels"]
+            if labels.dim() == 2 and head is not None:  # the LM head only where there are labels (label_loss.py)
+                with gathered_loss(hf, head):
+                    n = int((labels[:, 1:] != -100).sum())
+                    total += float(model(**batch).loss) * n if n else 0.0
+                count += n
+                continue
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
             if labels.dim() == 2:  # causal: position t predicts token t+1
                 logits = _input_positions(logits, labels.shape[1])
                 loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")

@@ -38,6 +38,7 @@ class TrainConfig:
     max_grad_norm: Optional[float] = 1.0
     precision: str = "auto"            # auto (CUDA: bf16 if supported else fp16; CPU: fp32) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
+    group_by_length: bool = True       # batches of similar-length examples, which pad less (data.BatchStream)
     fsdp: bool = False                 # under torch.distributed: shard the frozen base with FSDP2 (train/sharding.py)
     eval_every: Optional[int] = None
     save_every: Optional[int] = None   # checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)
@@ -70,7 +71,7 @@ class TrainConfig:
     def resume_signature(self) -> dict:
         """Settings a resumed run must share with the run that wrote the checkpoint."""
         keys = ("batch_size", "grad_accum", "lr", "weight_decay", "schedule", "warmup_steps", "warmup_ratio",
-                "min_lr_ratio", "max_grad_norm", "seed", "precision")
+                "min_lr_ratio", "max_grad_norm", "seed", "precision", "group_by_length")
         return {k: getattr(self, k) for k in keys}
 
 

@@ -77,6 +77,7 @@ def train_config(config: JobConfig, output: Path) -> L.TrainConfig:
                          weight_decay=config.weight_decay, schedule=config.schedule, warmup_steps=config.warmup,
                          max_grad_norm=config.max_grad_norm or None, precision=config.precision,
                          gradient_checkpointing=bool(config.gradient_checkpointing), fsdp=bool(config.fsdp),
+                         group_by_length=bool(config.group_by_length),
                          eval_every=config.eval_every,
                          save_every=config.save_every, keep_checkpoints=config.keep_checkpoints,
                          log_every=config.log_every, seed=config.seed,
