@@ -11,7 +11,9 @@ side is `peftlab train` itself (the CLI's main, evaluation and forgetting probe 
 AutoModelFor... + peft.get_peft_model + transformers.Trainer with the same encoded examples and collation
 (remove_unused_columns=False), the same optimizer settings (AdamW, weight decay 0, clip 1.0) and schedule.
 Measured per run: training time (peftlab: the loop's elapsed time; HF: train_runtime), non-padding training
-tokens, tokens/s, the whole process's wall time and peak RSS, time to the first optimizer step, the loss curve.
+tokens, tokens/s, the process's wall time and peak RSS up to the end of training, time to the first optimizer
+step, the loss curve; then (untimed) the loss on 300 held-out records — and accuracy for classification —
+computed by one function for both (plain forward, full logits).
 Ratios are medians over the reps of peftlab tokens/s ÷ HF tokens/s, taken pairwise (run i of each).
 Run: .venv/bin/python benchmarks/end_to_end.py [--reps 3] [--jobs causal-lora,causal-dora,cls-lora] [--out F.json]
 """
@@ -42,15 +44,53 @@ JOBS = {
 WARMUP = 2
 
 
+EVAL_N = 300   # held-out records scored after training (outside the timed part): loss, and accuracy for classification
+
+
 def write_data(job: str, path: Path) -> None:
-    """The job's training records as JSONL: the first n of the built-in task's training split."""
+    """The job's training records as JSONL (the first n of the built-in task's training split), and beside it
+    (path + ".eval") the first EVAL_N records of its held-out split."""
     from peftlab.train.tasks import get_task
     spec = JOBS[job]
     task = get_task(spec["task"])
     keys = ("prompt", "completion") if task.kind == "generation" else ("text", "label")
-    with open(path, "w") as f:
-        for rec in task.train[:spec["n"]]:
-            f.write(json.dumps({k: rec[k] for k in keys}) + "\n")
+    for records, target in ((task.train[:spec["n"]], path), (task.eval[:EVAL_N], Path(str(path) + ".eval"))):
+        with open(target, "w") as f:
+            for rec in records:
+                f.write(json.dumps({k: rec[k] for k in keys}) + "\n")
+
+
+def held_out(model, tok, data: Path, labels) -> dict:
+    """Loss (and accuracy) of a trained model on the held-out records, computed the same way for both libraries:
+    plain forward, full logits, mean cross-entropy over the label tokens."""
+    import torch
+    import torch.nn.functional as F
+    from peftlab.train import data as D
+    records = D.read_jsonl(str(data) + ".eval")
+    model.eval()
+    if labels is None:
+        examples, collate = D.encode_causal(records, tok, 512), D.Collator(tok.pad_token_id, "left")
+    else:
+        records = [r for r in records if str(r["label"]) in labels]
+        examples, collate = D.encode_classification(records, tok, labels, 512), D.Collator(tok.pad_token_id, "right")
+    total, count, hits = 0.0, 0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), 32):
+            batch = collate(examples[i:i + 32])
+            y = batch.pop("labels")
+            batch.pop("position_ids", None)
+            logits = model(**batch).logits.float()
+            if labels is None:
+                total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), y[:, 1:].flatten(), reduction="sum"))
+                count += int((y[:, 1:] != -100).sum())
+            else:
+                total += float(F.cross_entropy(logits, y, reduction="sum"))
+                count += len(y)
+                hits += int((logits.argmax(-1) == y).sum())
+    out = {"eval_loss": total / count}
+    if labels is not None:
+        out["eval_accuracy"] = hits / count
+    return out
 
 
 def peak_rss() -> int:
@@ -82,8 +122,16 @@ def worker_peftlab(job: str, data: Path, out: Path) -> dict:
         raise SystemExit(f"peftlab train failed (exit {rc})")
     run = json.loads((out / "run.json").read_text())
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    return {"train_s": run["train_s"], "tokens": run["train_tokens"], "losses": losses,
-            "first_step_s": marks["first_step"] - T_START}
+    res = {"train_s": run["train_s"], "tokens": run["train_tokens"], "losses": losses,
+           "first_step_s": marks["first_step"] - T_START, "wall_s": time.time() - T_START, "peak_rss": peak_rss()}
+    import peftlab
+    from peftlab.models import load_model
+    from peftlab.train.data import load_labels
+    labels = load_labels(out / "adapter")
+    base, tok = load_model(spec["model"], task="causal-lm" if labels is None else "seq-cls",
+                           num_labels=len(labels) if labels else None)
+    res.update(held_out(peftlab.PeftModel.from_pretrained(base, str(out / "adapter")), tok, data, labels))
+    return res
 
 
 def worker_hf(job: str, data: Path, out: Path) -> dict:
@@ -127,10 +175,12 @@ def worker_hf(job: str, data: Path, out: Path) -> dict:
                              include_num_input_tokens_seen="non_padding", disable_tqdm=True, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collate, callbacks=[Clock()])
     metrics = trainer.train().metrics
-    model.save_pretrained(str(out / "adapter"))
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    return {"train_s": metrics["train_runtime"], "tokens": int(trainer.state.num_input_tokens_seen),
-            "losses": losses, "first_step_s": marks["first_step"] - T_START}
+    res = {"train_s": metrics["train_runtime"], "tokens": int(trainer.state.num_input_tokens_seen),
+           "losses": losses, "first_step_s": marks["first_step"] - T_START, "wall_s": time.time() - T_START,
+           "peak_rss": peak_rss()}
+    res.update(held_out(model, tok, data, None if spec["model"] == "smollm2-135m" else names))
+    return res
 
 
 def run_worker(lib: str, job: str, data: Path, out: Path) -> dict:
@@ -155,14 +205,17 @@ def summarise(job: str, runs: dict) -> dict:
             "peak_rss_gb": {lib: med(lib, "peak_rss") / 2**30 for lib in runs},
             "loss_first": {lib: statistics.median(r["losses"][0] for r in runs[lib]) for lib in runs},
             "loss_last5": {lib: statistics.median(sum(r["losses"][-5:]) / 5 for r in runs[lib]) for lib in runs},
+            "eval_loss": {lib: statistics.median(r["eval_loss"] for r in runs[lib]) for lib in runs},
+            "eval_accuracy": {lib: statistics.median(r.get("eval_accuracy", float("nan")) for r in runs[lib])
+                              for lib in runs},
             "tokens": {lib: runs[lib][0]["tokens"] for lib in runs}, "reps": len(ours), "runs": runs,
             "theirs_reps": len(theirs)}
 
 
 def print_summary(rows: list[dict]) -> None:
     print("\n| job | tokens/s peftlab | tokens/s HF PEFT + Trainer | ratio (median; each rep) | train s | "
-          "process wall s | first step at s | peak RSS GB | loss first → last 5 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "process wall s | first step at s | peak RSS GB | train loss first → last 5 | held-out loss | held-out acc |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         pair = lambda key, fmt: f"{fmt.format(r[key]['peftlab'])} / {fmt.format(r[key]['hf'])}"  # noqa: E731
         each = ", ".join(f"{x:.2f}" for x in r["ratios"])
@@ -170,7 +223,8 @@ def print_summary(rows: list[dict]) -> None:
               f"**{r['tokens_per_s_ratio']:.2f}×** ({each}) | {pair('train_s', '{:.1f}')} | "
               f"{pair('wall_s', '{:.1f}')} | {pair('first_step_s', '{:.1f}')} | {pair('peak_rss_gb', '{:.2f}')} | "
               f"{r['loss_first']['peftlab']:.2f} → {r['loss_last5']['peftlab']:.3f} / "
-              f"{r['loss_first']['hf']:.2f} → {r['loss_last5']['hf']:.3f} |")
+              f"{r['loss_first']['hf']:.2f} → {r['loss_last5']['hf']:.3f} | {pair('eval_loss', '{:.3f}')} | "
+              f"{pair('eval_accuracy', '{:.1%}') if r['job'].startswith('cls') else '—'} |")
     print("(pairs are peftlab / HF; medians over the reps)")
     sys.stdout.flush()
 
@@ -190,8 +244,7 @@ def main() -> None:
         import warnings
         warnings.filterwarnings("ignore")
         fn = worker_peftlab if args.worker == "peftlab" else worker_hf
-        res = fn(args.job, Path(args.data), Path(args.out))
-        res.update(wall_s=time.time() - T_START, peak_rss=peak_rss())
+        res = fn(args.job, Path(args.data), Path(args.out))   # wall time and peak RSS: up to the end of training
         print("RESULT " + json.dumps(res), flush=True)
         return
     import torch
@@ -214,7 +267,7 @@ def main() -> None:
                     print(f"  {job} rep {rep + 1} {lib}: {res['tokens'] / res['train_s']:.0f} tokens/s, "
                           f"train {res['train_s']:.1f} s, wall {res['wall_s']:.1f} s, "
                           f"peak {res['peak_rss'] / 2**30:.2f} GB, loss {res['losses'][0]:.2f} → "
-                          f"{res['losses'][-1]:.3f}", flush=True)
+                          f"{res['losses'][-1]:.3f}, held-out loss {res['eval_loss']:.3f}", flush=True)
             if set(libs) == {"peftlab", "hf"}:
                 rows.append(summarise(job, runs))
                 print_summary(rows[-1:])

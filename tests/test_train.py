@@ -430,3 +430,21 @@ def test_builtin_tasks_have_fixed_disjoint_splits():
     assert len(texts) == 5 and len(questions) == 7 and all(t.endswith((".", "!", "?")) for t in texts)
     with pytest.raises(ValueError, match="Did you mean 'wordnet-antonyms'"):
         get_task("wordnet-antonym")
+
+
+def test_first_line_generation_stops_early_with_the_same_answers():
+    """Exact match reads an answer's first line: rows stop once it is complete, and every answer normalises to what
+    the full-length generation gives (leading newlines are not taken for the end of the line)."""
+    tok = char_tokenizer()
+    model = tiny_lm(3)
+    nl, sp = tok.convert_tokens_to_ids("\n"), tok.convert_tokens_to_ids(" ")
+    with torch.no_grad():   # make newlines and spaces compete with letters, so some answers end early
+        model.lm_head.weight[nl] = model.lm_head.weight[tok.convert_tokens_to_ids("e")] * 1.02
+        model.lm_head.weight[sp] = model.lm_head.weight[tok.convert_tokens_to_ids("t")] * 1.02
+    prompts = [f"Q: {w}{i}?\nA:" for i in range(6) for w in WORDS]
+    full = M.generate_answers(model, tok, prompts, max_new_tokens=10, batch_size=16)
+    short = M.generate_answers(model, tok, prompts, max_new_tokens=10, batch_size=16, first_line=True)
+    assert [M.normalize_answer(a) for a in short] == [M.normalize_answer(a) for a in full]
+    ended = [i for i, a in enumerate(full) if "\n" in a.lstrip() and a.lstrip().index("\n") < len(a.lstrip()) - 1]
+    assert ended, "no answer ended its first line before max_new_tokens: the test does not exercise stopping"
+    assert all(len(short[i]) < len(full[i]) for i in ended)

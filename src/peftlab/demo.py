@@ -162,7 +162,7 @@ def _round_trip(pm, model_name, adapter_dir, evalset, tok, max_new_tokens: int) 
     @torch.no_grad()
     def logits(m):
         m.eval()
-        return torch.cat([m(**{k: v[i:i + 50] for k, v in batch.items()}).logits[:, -1].float()
+        return torch.cat([m(**{k: v[i:i + 50] for k, v in batch.items()}, logits_to_keep=1).logits[:, -1].float()
                           for i in range(0, len(enc), 50)])
 
     trained = logits(pm)

@@ -32,6 +32,9 @@ CHUNK_BYTES = 64 * 2 ** 20   # fp32 logits materialised at once (rows Ã— vocab Ã
 
 def head_of(hf_model: nn.Module) -> Optional[nn.Linear]:
     """The model's LM head when the gathered loss applies to it (see the module docstring), else None."""
+    from transformers import PreTrainedModel
+    if not isinstance(hf_model, PreTrainedModel):   # e.g. HF PEFT's wrapper: its head lives on the model inside
+        return None
     config = getattr(hf_model, "config", None)
     attr = GATHER_SAFE.get(getattr(config, "model_type", None))
     head = getattr(hf_model, attr, None) if attr else None

@@ -88,14 +88,28 @@ def _prefix_cache(model, ids: list[int], dev):
     return model(input_ids=torch.tensor([ids], device=dev), use_cache=True).past_key_values
 
 
+def _first_line_done(tokenizer, start: int):
+    """A stopping criterion for generate(): a row is done once its answer's first line is complete, i.e. its text
+    so far, leading whitespace dropped, holds a newline (normalize_answer reads exactly that line)."""
+    from transformers import StoppingCriteria
+
+    class FirstLineDone(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+            return torch.tensor(["\n" in t.lstrip() for t in texts], device=input_ids.device)
+    return FirstLineDone()
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 6, batch_size: int = 64,
-                     chat_template: bool = False, prefix: str = "") -> list[str]:
+                     chat_template: bool = False, prefix: str = "", first_line: bool = False) -> list[str]:
     """Greedy continuations of prefix + each prompt (decoded, special tokens dropped).
 
     A shared prefix (few-shot demonstrations) is run through the model once: its KV cache is copied for every
     batch, so the cost is the prompts' own tokens. Prefix and prompt are tokenised separately in every path, so
-    the tokens are the same with and without the cache."""
+    the tokens are the same with and without the cache. first_line: only the first line of each answer is
+    wanted (leading whitespace dropped), so a row stops once that line has ended, and the batch when every row
+    has; that line is what it would have been."""
     was = _eval_mode(model)
     dev, out = _device(model), []
     eos = tokenizer.eos_token_id
@@ -122,6 +136,9 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
                 if cache is not None:
                     kw["past_key_values"] = copy.deepcopy(cache)
                     kw["past_key_values"].reorder_cache(torch.zeros(len(chunk), dtype=torch.long, device=dev))
+            if first_line:
+                from transformers import StoppingCriteriaList
+                kw["stopping_criteria"] = StoppingCriteriaList([_first_line_done(tokenizer, ids.shape[1])])
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **kw)
             out.extend(tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True))
@@ -135,7 +152,7 @@ def eval_generation(model, tokenizer, records: Sequence[dict], few_shot: Sequenc
     """Exact match of greedy answers; records carry "prompt" and "answers" (or "completion")."""
     prefix = "".join(f"{r['prompt']}{r['completion']}\n\n" for r in few_shot)
     preds = generate_answers(model, tokenizer, [r["prompt"] for r in records], max_new_tokens, batch_size,
-                             chat_template, prefix=prefix)
+                             chat_template, prefix=prefix, first_line=True)   # exact match reads the first line
     answers = [r.get("answers") or [r["completion"]] for r in records]
     return {"exact_match": exact_match(preds, answers), "n": len(records), "predictions": preds}
 
