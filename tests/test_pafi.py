@@ -62,10 +62,40 @@ def test_pafi_file_round_trip_and_unload(tmp_path):
     tuned = _logits(pm, batch)
     pm.save_pretrained(tmp_path)
     keys = load_file(str(tmp_path / "adapter_model.safetensors"))
-    assert {k.rsplit(".", 1)[-1] for k in keys} == {"pafi_mask", "pafi_values"}
+    assert {k.rsplit(".", 1)[-1] for k in keys} == {"pafi_positions", "pafi_values"}
+    # the mask is stored as the positions of its entries (4 bytes each), not a byte per weight
+    stored = sum(t.numel() * t.element_size() for t in keys.values())
+    weights = sum(m.weight.numel() for n, m in tiny_llama().named_modules() if n.rsplit(".", 1)[-1] in TARGETS)
+    assert stored <= 8 * 0.02 * weights * 1.01 + 64 and stored < weights / 4
     loaded = peftlab.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
     torch.testing.assert_close(_logits(loaded, batch), tuned)
     torch.testing.assert_close(_logits(loaded.unload(), batch), _logits(tiny_llama(), batch))
+    # a file from before positions (a dense bool mask per weight) still loads, to the same model
+    from safetensors.torch import save_file
+    legacy = {}
+    for k, t in keys.items():
+        if k.endswith("pafi_positions"):
+            weight = tiny_llama().get_submodule(k.rsplit(".", 1)[0].removeprefix("base_model.model.")).weight
+            mask = torch.zeros(weight.numel(), dtype=torch.bool)
+            mask[t.long()] = True
+            legacy[k.replace("pafi_positions", "pafi_mask")] = mask.view(weight.shape)
+        else:
+            legacy[k] = t
+    save_file(legacy, str(tmp_path / "adapter_model.safetensors"))
+    old = peftlab.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(_logits(old, batch), tuned)
+
+
+def test_pafi_refuses_positions_that_do_not_fit(tmp_path):
+    pm = peftlab.get_peft_model(tiny_llama(), PafiConfig(density=0.02, target_modules=TARGETS))
+    pm.save_pretrained(tmp_path)
+    keys = load_file(str(tmp_path / "adapter_model.safetensors"))
+    from safetensors.torch import save_file
+    key = next(k for k in keys if k.endswith("pafi_positions"))
+    keys[key] = keys[key].flip(0).contiguous()          # not increasing: the values would land in the wrong places
+    save_file(keys, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(Exception, match="strictly increasing flat positions"):
+        peftlab.PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
 def test_pafi_config_errors():

@@ -267,7 +267,10 @@ class SelectiveTuner(Tuner):
     """The Tuner protocol for selective methods. Subclasses set `peft_type`, implement `select`, and may rename
     saved keys (`whole_key`, `partial_prefix`)."""
     peft_type: str = ""
-    partial_prefix: str = "selected"   # partial selections save `<module>.<prefix>_values` and `..._index`/`_mask`
+    # partial selections save `<module>.<prefix>_values` and `..._index` (rows/cols) or `..._positions` (a mask: the
+    # flat row-major positions of its True entries, int32 below 2³¹ elements; files before this hold a dense
+    # bool `..._mask`, one byte per weight, which loading still accepts)
+    partial_prefix: str = "selected"
 
     def select(self, model: nn.Module, config) -> list[Selection]:
         raise NotImplementedError
@@ -276,7 +279,7 @@ class SelectiveTuner(Tuner):
         return f"{entry.module_name}.{entry.param}"
 
     def partial_keys(self, entry: Entry) -> tuple[str, str]:
-        idx = "mask" if entry.kind == "mask" else "index"
+        idx = "positions" if entry.kind == "mask" else "index"
         return f"{entry.module_name}.{self.partial_prefix}_values", f"{entry.module_name}.{self.partial_prefix}_{idx}"
 
     # -- the protocol ----------------------------------------------------------------------------------
@@ -367,7 +370,11 @@ class SelectiveTuner(Tuner):
     def export_state(self, model, adapter_name, config):
         out = {}
         for module, _, _, e in self.entries(model, adapter_name):
-            if e.kind in PARTIAL:
+            if e.kind == "mask":
+                vkey, ikey = self.partial_keys(e)
+                out[vkey] = e.values.detach()
+                out[ikey] = e.flat.to(torch.int32 if e.index.numel() < 2 ** 31 else torch.int64)
+            elif e.kind in PARTIAL:
                 vkey, ikey = self.partial_keys(e)
                 out[vkey], out[ikey] = e.values.detach(), e.index
             else:
@@ -379,6 +386,11 @@ class SelectiveTuner(Tuner):
         for module, _, _, e in list(self.entries(model, adapter_name)):
             if e.kind in PARTIAL:
                 vkey, ikey = self.partial_keys(e)
+                legacy = f"{e.module_name}.{self.partial_prefix}_mask"
+                if e.kind == "mask" and ikey not in tensors and legacy in tensors:
+                    ikey = legacy                 # a file written before masks were saved as positions
+                elif e.kind == "mask" and ikey in tensors:
+                    tensors[ikey] = _mask_from_positions(e, module, tensors[ikey])
                 missing = [k for k in (vkey, ikey) if k not in tensors]
                 if missing:
                     raise KeyError(f"adapter file has no {', '.join(missing)} (a {self.peft_type} adapter on "
@@ -430,6 +442,21 @@ class SelectiveTuner(Tuner):
 
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
+
+
+def _mask_from_positions(e: Entry, module: nn.Module, positions: torch.Tensor) -> torch.Tensor:
+    """The bool mask (d_out, d_in) whose True entries are at the saved flat row-major positions, which must be
+    strictly increasing (the order the values were saved in) and inside the weight."""
+    shape = weight_view(module, e.param, e.fan_in_fan_out).shape
+    numel = shape[0] * shape[1]
+    p = positions.long().reshape(-1)
+    if positions.dim() != 1 or positions.dtype.is_floating_point or (
+            len(p) and (int(p[0]) < 0 or int(p[-1]) >= numel or bool((p[1:] <= p[:-1]).any()))):
+        raise mismatch(e.module_name, f"the file's mask positions {tuple(positions.shape)} {positions.dtype} are not "
+                                      f"strictly increasing flat positions inside a {tuple(shape)} weight")
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[p] = True
+    return mask.view(shape)
 
 
 def _check_partial(e: Entry, module: nn.Module, values, index, want_numel) -> None:
