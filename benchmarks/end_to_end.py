@@ -212,10 +212,12 @@ def summarise(job: str, runs: dict) -> dict:
             "theirs_reps": len(theirs)}
 
 
-def print_summary(rows: list[dict]) -> None:
+def print_summary(rows: list[dict], file=None) -> None:
+    file = file or sys.stdout
     print("\n| job | tokens/s peftlab | tokens/s HF PEFT + Trainer | ratio (median; each rep) | train s | "
-          "process wall s | first step at s | peak RSS GB | train loss first → last 5 | held-out loss | held-out acc |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "process wall s | first step at s | peak RSS GB | train loss first → last 5 | held-out loss | held-out acc |",
+          file=file)
+    print("|---|---|---|---|---|---|---|---|---|---|---|", file=file)
     for r in rows:
         pair = lambda key, fmt: f"{fmt.format(r[key]['peftlab'])} / {fmt.format(r[key]['hf'])}"  # noqa: E731
         each = ", ".join(f"{x:.2f}" for x in r["ratios"])
@@ -224,9 +226,9 @@ def print_summary(rows: list[dict]) -> None:
               f"{pair('wall_s', '{:.1f}')} | {pair('first_step_s', '{:.1f}')} | {pair('peak_rss_gb', '{:.2f}')} | "
               f"{r['loss_first']['peftlab']:.2f} → {r['loss_last5']['peftlab']:.3f} / "
               f"{r['loss_first']['hf']:.2f} → {r['loss_last5']['hf']:.3f} | {pair('eval_loss', '{:.3f}')} | "
-              f"{pair('eval_accuracy', '{:.1%}') if r['job'].startswith('cls') else '—'} |")
-    print("(pairs are peftlab / HF; medians over the reps)")
-    sys.stdout.flush()
+              f"{pair('eval_accuracy', '{:.1%}') if r['job'].startswith('cls') else '—'} |", file=file)
+    print("(pairs are peftlab / HF; medians over the reps)", file=file)
+    file.flush()
 
 
 def main() -> None:
@@ -239,6 +241,7 @@ def main() -> None:
     ap.add_argument("--jobs", default=",".join(JOBS))
     ap.add_argument("--libs", default="peftlab,hf")
     ap.add_argument("--json-out", default=None, help="write every run's measurements here")
+    ap.add_argument("--md-out", default=None, help="write the environment, the command and the table here")
     args = ap.parse_args()
     if args.worker:
         import warnings
@@ -250,8 +253,9 @@ def main() -> None:
     import torch
     import transformers
     import peft
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-          f"{os.cpu_count()} cpus, {torch.get_num_threads()} threads")
+    env = (f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+           f"{os.cpu_count()} cpus, {torch.get_num_threads()} threads")
+    print(env)
     rows = []
     libs = args.libs.split(",")
     with tempfile.TemporaryDirectory(prefix="peftlab-e2e-") as tmp:
@@ -276,6 +280,12 @@ def main() -> None:
         print_summary(rows)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=1))
+    if args.md_out and rows:
+        with open(args.md_out, "w") as f:
+            f.write(f"# peftlab train vs HF PEFT + transformers.Trainer, end to end\n\n{env}\n\n"
+                    f"`python benchmarks/end_to_end.py {' '.join(sys.argv[1:])}`\n\n"
+                    + __doc__.split("Run:")[0].strip() + "\n")
+            print_summary(rows, f)
 
 
 if __name__ == "__main__":

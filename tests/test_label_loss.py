@@ -145,7 +145,7 @@ def test_length_grouped_batches_pad_less_and_are_a_permutation_per_epoch():
         assert order == D.length_grouped_order(lengths, 8, seed=1, epoch=epoch, offset=offset)  # deterministic
     assert D.length_grouped_order(lengths, 8, 1, 0) != D.length_grouped_order(lengths, 8, 1, 1)
     grouped = _padding(D.BatchStream(ex, 8, D.Collator(0), seed=1, group_by_length=True), 50)
-    plain = _padding(D.BatchStream(ex, 8, D.Collator(0), seed=1), 50)
+    plain = _padding(D.BatchStream(ex, 8, D.Collator(0), seed=1, group_by_length=False), 50)
     assert grouped < 0.2 * plain, (grouped, plain)
 
 
@@ -161,3 +161,14 @@ def test_length_grouped_stream_resumes_and_keeps_batches_across_epochs():
     rows = [id(r) for _ in range(16) for r in s3.next()]
     for e in range(3):
         assert len(set(rows[21 * e:21 * (e + 1)])) == 21
+
+
+def test_length_grouping_by_default_only_where_random_batches_pad_a_lot():
+    even = [{"input_ids": [1] * (20 + i % 3), "labels": [1] * (20 + i % 3)} for i in range(64)]
+    uneven = [{"input_ids": [1] * (2 + (i * 7) % 40), "labels": [1] * (2 + (i * 7) % 40)} for i in range(64)]
+    assert D.padding_fraction([len(e["input_ids"]) for e in even], 8, 0) < D.AUTO_GROUP_PADDING
+    assert D.padding_fraction([len(e["input_ids"]) for e in uneven], 8, 0) > D.AUTO_GROUP_PADDING
+    assert not D.BatchStream(even, 8, D.Collator(0)).grouped
+    assert D.BatchStream(uneven, 8, D.Collator(0)).grouped
+    assert D.BatchStream(even, 8, D.Collator(0), group_by_length=True).grouped
+    assert not D.BatchStream(uneven, 8, D.Collator(0), group_by_length=False).grouped

@@ -57,7 +57,8 @@ TRAIN = [
     _opt("--precision", choices=["auto", "fp32", "bf16", "fp16"]),
     _opt("--gradient-checkpointing", action="store_true"),
     _opt("--group-by-length", action=argparse.BooleanOptionalAction,
-         help="batch examples of similar length together (less padding; on by default)"),
+         help="batch examples of similar length together, which pads less (default: when random batches would "
+              "be at least 25%% padding)"),
     _opt("--eval-every", type=int, help="evaluate every N steps"),
     _opt("--save-every", type=int, help="checkpoint every N steps (also at the end and on SIGINT/TERM)"),
     _opt("--keep-checkpoints", type=int, metavar="N",

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 PROMPT_NOTE = 'prompt: Q: What is the antonym of "X"?\\nA:'
+CHECKED_PROMPTS = 50   # prompts whose logits the reload and merge checks compare (a fresh base runs each check)
 
 
 def _say(*parts) -> None:
@@ -91,6 +92,7 @@ def main(argv=None) -> int:
     t = time.time()
     checks = _round_trip(job.model, args.model, adapter_dir, evalset, job.tok, job.data.task.max_new_tokens)
     _say(f"[5/5] adapter saved to {adapter_dir} ({_size(adapter_dir)}); reloaded on a fresh base: max |logit diff| "
+         f"(last position, {checks['checked_prompts']} held-out prompts) "
          f"{checks['reload_max_diff']:.1e}; merged vs unmerged: max |logit diff| {checks['merge_max_diff']:.1e}, "
          f"merged exact match {checks['merged_exact_match']:.1%}")
     timings = {f"{args.shots}-shot eval": few_s, "run_prepared (evals, training, probes, save)": run_s,
@@ -149,13 +151,14 @@ def _size(path: Path) -> str:
 
 
 def _round_trip(pm, model_name, adapter_dir, evalset, tok, max_new_tokens: int) -> dict:
-    """The saved adapter reloaded onto a fresh base, then merged: last-position logits against the trained model."""
+    """The saved adapter reloaded onto a fresh base, then merged: last-position logits against the trained model on
+    CHECKED_PROMPTS held-out prompts; the merged model's exact match on all of them."""
     import torch
     import peftlab
     from peftlab.models import load_model
     from peftlab.train import data as D, metrics as M
 
-    enc = [{"input_ids": tok(r["prompt"])["input_ids"], "labels": 0} for r in evalset]
+    enc = [{"input_ids": tok(r["prompt"])["input_ids"], "labels": 0} for r in evalset[:CHECKED_PROMPTS]]
     batch = D.Collator(tok.pad_token_id, "left", position_ids=False)(enc)
     batch.pop("labels")
 
@@ -172,7 +175,7 @@ def _round_trip(pm, model_name, adapter_dir, evalset, tok, max_new_tokens: int) 
     merged = reloaded.merge_and_unload()
     merge_diff = float((logits(merged) - trained).abs().max())
     merged_em = M.eval_generation(merged, tok, evalset, max_new_tokens=max_new_tokens, batch_size=100)["exact_match"]
-    return {"reload_max_diff": reload_diff, "merge_max_diff": merge_diff,
+    return {"reload_max_diff": reload_diff, "merge_max_diff": merge_diff, "checked_prompts": len(enc),
             "merged_exact_match": merged_em}
 
 

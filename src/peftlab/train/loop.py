@@ -38,7 +38,8 @@ __all__ = ["LOG_FILE", "TrainConfig", "TrainState", "TrainingDiverged", "Trainin
            "method_hooks_callback", "set_seed", "train"]
 
 LOG_FILE = "metrics.jsonl"
-RESUME_DEFAULTS = {"group_by_length": False}   # what a checkpoint written before the setting existed did
+# settings a checkpoint written before they existed is taken to have had (their defaults)
+RESUME_DEFAULTS = {"group_by_length": None}
 
 
 def _hf_model(model) -> torch.nn.Module:
@@ -202,7 +203,8 @@ def setup(model, train_examples: Sequence[dict], collate, cfg: TrainConfig,
     net = _wrap_ddp(model, device) if dist and not sharded else model
     return TrainState(cfg, model, net, sharded, params, optimizer, scheduler,
                       torch.amp.GradScaler(device.type) if needs_scaler else None,
-                      BatchStream(train_examples, micro, collate, seed=cfg.seed, group_by_length=cfg.group_by_length), collate, total, device, autocast,
+                      BatchStream(train_examples, micro, collate, seed=cfg.seed, group_by_length=cfg.group_by_length),
+                      collate, total, device, autocast,
                       dist, rank, world, forward_accepts(model, "logits_to_keep"),
                       # FSDP2 gathers the (sharded) head weight inside the forward only: keep the stock loss there
                       None if sharded else head_of(_hf_model(model)),
@@ -422,6 +424,7 @@ def _finish(state: TrainState) -> dict:
             "train_tokens": tokens, "wall_s": wall, "elapsed_s": elapsed,
             "tokens_per_s": (tokens / elapsed) if tokens else 0.0,
             "trainable_params": sum(p.numel() for p in state.params), "evals": state.evals,
+            "grouped_by_length": state.stream.grouped,
             "config": asdict(state.config)}
 
 

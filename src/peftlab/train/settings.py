@@ -38,7 +38,8 @@ class TrainConfig:
     max_grad_norm: Optional[float] = 1.0
     precision: str = "auto"            # auto (CUDA: bf16 if supported else fp16; CPU: fp32) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
-    group_by_length: bool = True       # batches of similar-length examples, which pad less (data.BatchStream)
+    group_by_length: Optional[bool] = None  # batches of similar-length examples (data.BatchStream); None: when
+    #                                         random batches would be >= 25% padding
     fsdp: bool = False                 # under torch.distributed: shard the frozen base with FSDP2 (train/sharding.py)
     eval_every: Optional[int] = None
     save_every: Optional[int] = None   # checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)

@@ -130,7 +130,8 @@ class JobConfig(DataOptions):
     max_grad_norm: Optional[float] = 1.0  # 0 or None: no clipping
     precision: str = "auto"            # auto | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
-    group_by_length: bool = True       # batches of similar-length examples (train/data.length_grouped_order)
+    group_by_length: Optional[bool] = None  # batches of similar-length examples (train/data.BatchStream);
+    #                                         None: only when random batches would be >= 25% padding
     eval_every: Optional[int] = None   # evaluate every N steps
     save_every: Optional[int] = 50     # checkpoint every N steps (also at the end and on SIGINT/SIGTERM)
     keep_checkpoints: int = 2          # newest checkpoints kept (0: all); the newest and the best are never removed

@@ -77,7 +77,7 @@ def train_config(config: JobConfig, output: Path) -> L.TrainConfig:
                          weight_decay=config.weight_decay, schedule=config.schedule, warmup_steps=config.warmup,
                          max_grad_norm=config.max_grad_norm or None, precision=config.precision,
                          gradient_checkpointing=bool(config.gradient_checkpointing), fsdp=bool(config.fsdp),
-                         group_by_length=bool(config.group_by_length),
+                         group_by_length=config.group_by_length,
                          eval_every=config.eval_every,
                          save_every=config.save_every, keep_checkpoints=config.keep_checkpoints,
                          log_every=config.log_every, seed=config.seed,
@@ -176,6 +176,7 @@ def _summary(job: PreparedJob, result: dict, before: dict, after: dict) -> dict:
             "trainable_params": job.trainable_params, "total_params": job.total_params,
             "train_loss_first": result["loss_first"], "train_loss_last": result["loss_last"],
             "train_tokens": result["train_tokens"], "tokens_per_s": result["tokens_per_s"],
+            "grouped_by_length": result["grouped_by_length"],
             "train_s": result["elapsed_s"], "eval_before": before["eval"], "eval": after}
 
 
