@@ -68,6 +68,7 @@ SMALL_MODEL = {
     "corda": _corda_cached,
     "tt-lora-moe": _tt_lora_experts,
     "smile": _smile_sources,
+    "wegeft": lambda: dict(r=8),  # the paper's rank 64 exceeds the toy model's 32 dimensions
 }
 
 
