@@ -97,7 +97,7 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def worker_peftlab(job: str, data: Path, out: Path) -> dict:
+def worker_peftlab(job: str, data: Path, out: Path, extra: tuple = ()) -> dict:
     from peftlab.cli import main
     from peftlab.train import loop
     spec = JOBS[job]
@@ -117,7 +117,7 @@ def worker_peftlab(job: str, data: Path, out: Path) -> dict:
         argv += ["--target-modules", "all-linear"]
     else:
         argv += ["--target-modules", "query,key,value,dense"]
-    rc = main(argv)
+    rc = main(argv + list(extra))
     if rc:
         raise SystemExit(f"peftlab train failed (exit {rc})")
     run = json.loads((out / "run.json").read_text())
@@ -183,9 +183,11 @@ def worker_hf(job: str, data: Path, out: Path) -> dict:
     return res
 
 
-def run_worker(lib: str, job: str, data: Path, out: Path) -> dict:
+def run_worker(lib: str, job: str, data: Path, out: Path, peftlab_args: str = "") -> dict:
     """One run in a fresh subprocess; its RESULT line."""
     cmd = [sys.executable, __file__, "--worker", lib, "--job", job, "--data", str(data), "--out", str(out)]
+    if lib == "peftlab" and peftlab_args:
+        cmd.append(f"--peftlab-args={peftlab_args}")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -242,12 +244,15 @@ def main() -> None:
     ap.add_argument("--libs", default="peftlab,hf")
     ap.add_argument("--json-out", default=None, help="write every run's measurements here")
     ap.add_argument("--md-out", default=None, help="write the environment, the command and the table here")
+    ap.add_argument("--peftlab-args", default="", help="extra `peftlab train` flags, e.g. --no-group-by-length "
+                    "(to measure what one lever gives)")
     args = ap.parse_args()
     if args.worker:
         import warnings
         warnings.filterwarnings("ignore")
         fn = worker_peftlab if args.worker == "peftlab" else worker_hf
-        res = fn(args.job, Path(args.data), Path(args.out))   # wall time and peak RSS: up to the end of training
+        extra = {"extra": tuple(args.peftlab_args.split())} if args.worker == "peftlab" else {}
+        res = fn(args.job, Path(args.data), Path(args.out), **extra)   # wall time and peak RSS: to the end of training
         print("RESULT " + json.dumps(res), flush=True)
         return
     import torch
@@ -266,7 +271,7 @@ def main() -> None:
             for rep in range(args.reps):
                 order = libs if rep % 2 == 0 else libs[::-1]   # alternate who goes first
                 for lib in order:
-                    res = run_worker(lib, job, data, Path(tmp) / f"{job}-{lib}-{rep}")
+                    res = run_worker(lib, job, data, Path(tmp) / f"{job}-{lib}-{rep}", args.peftlab_args)
                     runs[lib].append(res)
                     print(f"  {job} rep {rep + 1} {lib}: {res['tokens'] / res['train_s']:.0f} tokens/s, "
                           f"train {res['train_s']:.1f} s, wall {res['wall_s']:.1f} s, "
