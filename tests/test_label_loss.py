@@ -67,6 +67,17 @@ def test_gathered_loss_and_gradients_equal_transformers(build, config, chunk_byt
     assert type(hf.lm_head) is torch.nn.Linear and "_loss_function" not in vars(hf)  # restored
 
 
+def test_a_batch_without_labels_gives_a_zero_loss_with_a_graph():
+    pm = _randomised(peftlab.get_peft_model(tiny_llama(), peftlab.LoraConfig(r=4, target_modules="all-linear")))
+    batch = _batch()
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    hf = pm.get_base_model()
+    with LL.gathered_loss(hf, LL.head_of(hf)):
+        loss = pm(**batch).loss
+    loss.backward()
+    assert float(loss) == 0.0
+
+
 def test_gathered_loss_under_bf16_autocast_is_close():
     pm = _randomised(peftlab.get_peft_model(tiny_llama(), peftlab.LoraConfig(r=4, target_modules="all-linear")))
     pm.train()

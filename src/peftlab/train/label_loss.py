@@ -86,11 +86,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(h: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of head(h) against targets (rows of h: (N, hidden); targets: (N,)), chunked over rows.
     The matmul runs in the autocast dtype when autocast is on (as the stock head would), the softmax in fp32."""
+    if targets.numel() == 0:   # no labelled position in the batch: a zero loss (the stock one would be 0/0 = nan)
+        return h.sum() * 0.0
     dev = h.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else head.weight.dtype
     chunk = max(1, CHUNK_BYTES // (4 * head.out_features))
-    n = max(int(targets.numel()), 1)
-    return _LinearCrossEntropy.apply(h, head.weight, head.bias, targets, dtype, chunk) / n
+    return _LinearCrossEntropy.apply(h, head.weight, head.bias, targets, dtype, chunk) / targets.numel()
 
 
 def gathered_causal_lm_loss(head: nn.Linear):
