@@ -131,3 +131,16 @@ def test_run_job_on_the_real_minilm_classifies(tmp_path):
     assert json.loads((tmp_path / "r" / "adapter" / "labels.json").read_text()) == {"labels": ["long", "short"]}
     ev = run_eval(EvalConfig(model="minilm-l6", adapter=summary["saved"], data=str(data)))
     assert ev["accuracy"] == summary["eval"]["accuracy"] and ev["n"] == len(rows)
+
+
+def test_group_by_length_from_the_command_line_reaches_the_batches(tmp_path, tiny_dir, pc_file):
+    """`--group-by-length` / `--no-group-by-length` (YAML key group_by_length) decide the batching; the summary says
+    which was used."""
+    from peftlab.cli import main
+    base = ["train", "--model", str(tiny_dir), "--data", str(pc_file), "--steps", "2", "--batch-size", "4",
+            "--r", "4", "--target-modules", "all-linear", "--no-progress", "--no-forgetting", "--no-eval-before",
+            "--eval-size", "2", "--max-new-tokens", "2"]
+    for flag, grouped in (("--group-by-length", True), ("--no-group-by-length", False)):
+        out = tmp_path / flag.strip("-")
+        assert main(base + [flag, "--output", str(out)]) == 0
+        assert json.loads((out / "run.json").read_text())["grouped_by_length"] is grouped
