@@ -4,6 +4,7 @@ Jobs (--jobs, comma-separated):
   causal-lora   SmolLM2-135M, LoRA r=16 α=32 on all linear layers, 640 WordNet antonym prompt/completion pairs as
                 JSONL (loss on the completions), 40 steps × batch 8, lr 2e-3, cosine, 2 warmup steps
   causal-dora   the same with DoRA
+  demo-lora     the demo's fine-tune: the same LoRA on all 2,468 training pairs, 80 steps × batch 16
   cls-lora      MiniLM-L6, LoRA r=16 α=32 on query/key/value/dense + a trained head, 1,300 WordNet supersense
                 {"text","label"} glosses, 60 steps × batch 16, lr 5e-4
 Each run is a fresh subprocess (so peak RSS is its own), the two libraries alternating, --reps times. The peftlab
@@ -38,6 +39,8 @@ JOBS = {
                         dora=False),
     "causal-dora": dict(model="smollm2-135m", task="wordnet-antonyms", n=640, steps=40, batch=8, lr=2e-3,
                         dora=True),
+    "demo-lora": dict(model="smollm2-135m", task="wordnet-antonyms", n=2468, steps=80, batch=16, lr=2e-3,
+                      dora=False),
     "cls-lora": dict(model="minilm-l6", task="wordnet-supersense", n=1300, steps=60, batch=16, lr=5e-4,
                      dora=False),
 }
@@ -240,7 +243,7 @@ def main() -> None:
     ap.add_argument("--data")
     ap.add_argument("--out")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--jobs", default=",".join(JOBS))
+    ap.add_argument("--jobs", default="causal-lora,causal-dora,cls-lora")
     ap.add_argument("--libs", default="peftlab,hf")
     ap.add_argument("--json-out", default=None, help="write every run's measurements here")
     ap.add_argument("--md-out", default=None, help="write the environment, the command and the table here")
