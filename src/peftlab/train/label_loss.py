@@ -45,6 +45,11 @@ def head_of(hf_model: nn.Module) -> Optional[nn.Linear]:
     return None
 
 
+def _chunk_logits(h_rows: torch.Tensor, weight, bias, dtype) -> torch.Tensor:
+    """fp32 logits of a chunk of rows, the matmul in `dtype` (the weight and bias already cast to it)."""
+    return F.linear(h_rows.to(dtype), weight, bias).float()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i W^T + b, t_i) over row chunks; the backward recomputes each chunk's logits (when there is more
     than one chunk) instead of keeping them, so peak memory is one chunk of logits. The head is frozen: gradients
@@ -52,11 +57,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, dtype, chunk):
-        w = weight.to(dtype)
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         total = h.new_zeros((), dtype=torch.float32)
         lse_all, kept = [], []
         for s in range(0, h.shape[0], chunk):
-            logits = F.linear(h[s:s + chunk].to(dtype), w, None if bias is None else bias.to(dtype)).float()
+            logits = _chunk_logits(h[s:s + chunk], w, b, dtype)
             lse = torch.logsumexp(logits, -1)
             total = total + (lse - logits.gather(1, targets[s:s + chunk, None]).squeeze(1)).sum()
             lse_all.append(lse)
@@ -69,12 +74,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         h, weight, bias, targets, lse = ctx.saved_tensors
-        w = weight.to(ctx.dtype)
+        w, b = weight.to(ctx.dtype), None if bias is None else bias.to(ctx.dtype)
         grad_h = torch.empty_like(h)
         for i, s in enumerate(range(0, h.shape[0], ctx.chunk)):
             rows = slice(s, s + ctx.chunk)
-            logits = ctx.kept[i] if ctx.kept else F.linear(h[rows].to(ctx.dtype), w,
-                                                           None if bias is None else bias.to(ctx.dtype)).float()
+            logits = ctx.kept[i] if ctx.kept else _chunk_logits(h[rows], w, b, ctx.dtype)
             # d(lse - z_t)/dz = softmax(z) - onehot(t)
             g = torch.exp(logits - lse[rows, None])
             g.scatter_add_(1, targets[rows, None], torch.full_like(lse[rows, None], -1.0))
