@@ -303,3 +303,17 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, scaler
         scaler.load_state_dict(state["scaler"])
     set_rng_state(rng_tensors, state["rng"])
     return state
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines from steps after the checkpoint (they will be redone)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+    path.write_text("".join(line + "\n" for line in keep))

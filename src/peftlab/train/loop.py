@@ -32,7 +32,7 @@ from . import checkpoint as ckpt
 from .data import BatchStream
 from .label_loss import gathered_loss, head_of
 from .metrics import eval_loss, forward_accepts
-from .settings import TrainConfig, TrainingDiverged, TrainingInterrupted, autocast_for, lr_lambda, set_seed
+from .settings import TrainConfig, TrainingDiverged, TrainingInterrupted, adamw, autocast_for, lr_lambda, set_seed
 
 __all__ = ["LOG_FILE", "TrainConfig", "TrainState", "TrainingDiverged", "TrainingInterrupted", "lr_lambda",
            "method_hooks_callback", "set_seed", "train"]
@@ -95,20 +95,6 @@ class _Signals:
             signal.signal(s, h)
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """On resume, drop log lines from steps after the checkpoint (they will be redone)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by the kill
-    path.write_text("".join(line + "\n" for line in keep))
-
-
 @dataclass
 class TrainState:
     """One run's state, read and changed by the step functions below (setup, resume, micro_step,
@@ -163,13 +149,6 @@ def _wrap_ddp(model, device: torch.device):
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **sync_off)
 
 
-def _fused_adam_ok(params) -> bool:
-    """AdamW's fused kernel: one pass over all the adapter tensors instead of a dozen small ops per tensor (on CPU
-    ~3× faster for a LoRA's few hundred tensors); it takes floating-point tensors on CPU or CUDA."""
-    return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16,
-                                                                torch.float64) for p in params)
-
-
 def setup(model, train_examples: Sequence[dict], collate, cfg: TrainConfig,
           eval_examples: Optional[Sequence[dict]] = None, eval_fn: Optional[Callable] = None,
           save_adapter: bool = True) -> TrainState:
@@ -184,8 +163,7 @@ def setup(model, train_examples: Sequence[dict], collate, cfg: TrainConfig,
         raise ValueError("the model has no trainable parameters; wrap it with peftlab.get_peft_model(...) first")
     total = cfg.total_steps(len(train_examples))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * total))
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                  weight_decay=cfg.weight_decay, fused=_fused_adam_ok(params))
+    optimizer = adamw(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, warmup, cfg.schedule, cfg.min_lr_ratio))
     autocast, _, needs_scaler = autocast_for(device, cfg.precision)
     if cfg.gradient_checkpointing:
@@ -236,7 +214,7 @@ def resume(state: TrainState) -> None:
                          + "; resume with the same settings, or train into a new output directory")
     state.step, state.tokens_seen, state.elapsed0 = saved["step"], saved["tokens_seen"], saved["elapsed_s"]
     state.stream.position = saved["data_position"]
-    _truncate_log(state.log_path, state.step)
+    ckpt.truncate_log(state.log_path, state.step)
 
 
 def _next_batch(state: TrainState) -> dict:

@@ -1,5 +1,5 @@
-"""What a training run is asked to do (TrainConfig), its learning-rate schedule and precision, and the two ways it
-ends early (TrainingDiverged, TrainingInterrupted); train/loop.py runs it."""
+"""What a training run is asked to do (TrainConfig), its optimizer, learning-rate schedule and precision, and the
+two ways it ends early (TrainingDiverged, TrainingInterrupted); train/loop.py runs it."""
 from __future__ import annotations
 
 import contextlib
@@ -93,6 +93,19 @@ def lr_lambda(total: int, warmup: int, schedule: str, min_ratio: float) -> Calla
         decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
         return min_ratio + (1 - min_ratio) * decay
     return f
+
+
+def _fused_adam_ok(params) -> bool:
+    """AdamW's fused kernel: one pass over all the adapter tensors instead of a dozen small ops per tensor (on CPU
+    ~3× faster for a LoRA's few hundred tensors); it takes floating-point tensors on CPU or CUDA."""
+    return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16,
+                                                                torch.float64) for p in params)
+
+
+def adamw(params, cfg: TrainConfig) -> torch.optim.AdamW:
+    """The run's optimizer: AdamW with the config's settings, fused where every tensor allows it."""
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                             fused=_fused_adam_ok(params))
 
 
 def autocast_for(device: torch.device, precision: str):
