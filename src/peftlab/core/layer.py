@@ -35,6 +35,15 @@ def unwrapped_fully(module: nn.Module) -> nn.Module:
     return module
 
 
+def innermost(model: nn.Module, name: str) -> tuple[str, nn.Module]:
+    """(name, module) of the model's own module at `name`, under any peftlab wrappers (their names extended by
+    `.base_layer`): what selective methods act on, never a wrapper."""
+    module = model.get_submodule(name)
+    while isinstance(module, AdaptedLayer):
+        name, module = f"{name}.base_layer", module.base_layer
+    return name, module
+
+
 class Adapter(nn.Module):
     """One method's adapter on one layer.
 

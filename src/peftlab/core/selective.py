@@ -24,10 +24,8 @@ from typing import Iterator, Optional
 import torch
 import torch.nn as nn
 
-from .layer import AdaptedLayer
 from .loading import check_shape, mismatch
 from .quantized import is_quantized, refuse_quantized_weight, weight_dtype
-from .targets import is_linear_like, resolve_targets
 from .tuner import Tuner
 
 SLOT = "peftlab_selective"          # the ModuleDict a selected module carries: adapter -> param -> Entry
@@ -242,27 +240,6 @@ def _set_hooks(module: nn.Module) -> None:
                 del hooks[k]
 
 
-def innermost(model: nn.Module, name: str) -> tuple[str, nn.Module]:
-    """Selective methods act on the real module, never on a peftlab wrapper around it."""
-    module = model.get_submodule(name)
-    while isinstance(module, AdaptedLayer):
-        name, module = f"{name}.base_layer", module.base_layer
-    return name, module
-
-
-def linear_targets(model: nn.Module, config, method: str, what: str) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every target of `config` (its innermost real module), refusing any that is not an
-    nn.Linear or Conv1D with "<method>: <name> is a <type>; it selects <what> of nn.Linear or Conv1D weights only"."""
-    out = []
-    for name in resolve_targets(model, config):
-        name, module = innermost(model, name)
-        if not is_linear_like(module):
-            raise ValueError(f"{method}: {name} is a {type(module).__name__}; it selects {what} of nn.Linear or "
-                             f"Conv1D weights only")
-        out.append((name, module))
-    return out
-
-
 class SelectiveTuner(Tuner):
     """The Tuner protocol for selective methods. Subclasses set `peft_type`, implement `select`, and may rename
     saved keys (`whole_key`, `partial_prefix`)."""
@@ -370,13 +347,11 @@ class SelectiveTuner(Tuner):
     def export_state(self, model, adapter_name, config):
         out = {}
         for module, _, _, e in self.entries(model, adapter_name):
-            if e.kind == "mask":
+            if e.kind in PARTIAL:
                 vkey, ikey = self.partial_keys(e)
                 out[vkey] = e.values.detach()
-                out[ikey] = e.flat.to(torch.int32 if e.index.numel() < 2 ** 31 else torch.int64)
-            elif e.kind in PARTIAL:
-                vkey, ikey = self.partial_keys(e)
-                out[vkey], out[ikey] = e.values.detach(), e.index
+                out[ikey] = e.index if e.kind != "mask" else \
+                    e.flat.to(torch.int32 if e.index.numel() < 2 ** 31 else torch.int64)
             else:
                 out[self.whole_key(e)] = e.tuned(module).detach()
         return out

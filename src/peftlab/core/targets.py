@@ -13,7 +13,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch.nn as nn
 
-from .layer import PeftlabModule, unwrapped
+from .layer import PeftlabModule, innermost, unwrapped
 from ..hf.defaults import SEQ_CLS_HEAD_NAMES, default_targets
 
 ALL_LINEAR = "all-linear"
@@ -168,3 +168,16 @@ def minimal_suffixes(targets: Iterable[str], others: Iterable[str]) -> set[str]:
             raise ValueError(f"{name} cannot be told apart from the other modules by a suffix")
         chosen.add(free)
     return chosen
+
+
+def linear_targets(model: nn.Module, config, method: str, what: str) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every target of `config` (its innermost real module), refusing any that is not an
+    nn.Linear or Conv1D with "<method>: <name> is a <type>; it selects <what> of nn.Linear or Conv1D weights only"."""
+    out = []
+    for name in resolve_targets(model, config):
+        name, module = innermost(model, name)
+        if not is_linear_like(module):
+            raise ValueError(f"{method}: {name} is a {type(module).__name__}; it selects {what} of nn.Linear or "
+                             f"Conv1D weights only")
+        out.append((name, module))
+    return out

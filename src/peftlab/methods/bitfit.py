@@ -16,9 +16,9 @@ from typing import Optional, Union
 import torch.nn as nn
 
 from ..core.config import PeftConfig
-from ..core.layer import PeftlabModule
+from ..core.layer import PeftlabModule, innermost
 from ..core.registry import MethodInfo, register_method, register_tuner
-from ..core.selective import SLOT, Selection, SelectiveTuner, innermost
+from ..core.selective import SLOT, Selection, SelectiveTuner
 from ..core.targets import is_linear_like, output_head_names, resolve_targets
 
 

@@ -23,7 +23,8 @@ from ..core.calibration import device_of, iter_batches, model_inputs
 from ..core.config import PeftConfig
 from ..core.quantized import refuse_quantized_weight
 from ..core.registry import MethodInfo, register_method, register_tuner
-from ..core.selective import Selection, SelectiveTuner, linear_targets
+from ..core.selective import Selection, SelectiveTuner
+from ..core.targets import linear_targets
 
 MASK_ATTR = "_peftlab_child_tuning_mask"   # set on each target module by compute_fisher_mask, taken by inject
 

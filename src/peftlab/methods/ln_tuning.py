@@ -12,8 +12,9 @@ from typing import Optional, Union
 import torch.nn as nn
 
 from ..core.config import PeftConfig
+from ..core.layer import innermost
 from ..core.registry import MethodInfo, register_method, register_tuner
-from ..core.selective import Selection, SelectiveTuner, innermost
+from ..core.selective import Selection, SelectiveTuner
 from ..core.targets import resolve_targets
 
 # HF PEFT's default norms per architecture (TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING).

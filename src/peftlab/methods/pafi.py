@@ -19,7 +19,8 @@ import torch.nn as nn
 
 from ..core.config import PeftConfig
 from ..core.registry import MethodInfo, register_method, register_tuner
-from ..core.selective import Selection, SelectiveTuner, linear_targets, weight_view
+from ..core.selective import Selection, SelectiveTuner, weight_view
+from ..core.targets import linear_targets
 
 SCOPES = ("global", "per_matrix")
 

@@ -26,9 +26,10 @@ import torch.nn as nn
 
 from ...core.calibration import InputHook, device_of, iter_batches, model_inputs
 from ...core.io import load_tensors, save_tensors
+from ...core.layer import innermost
 from ...core.quantized import dequantize, is_quantized, keep_canonical_layout
 from ...core.registry import MethodInfo, register_method
-from ...core.selective import innermost, weight_view
+from ...core.selective import weight_view
 from ...core.targets import is_linear_like, pattern_value, resolve_targets
 from .config import LORA_FLAG_FIELDS, LoraConfig, SubConfig
 
