@@ -26,7 +26,7 @@ from .cli_options import COMMON, CONFIGS, OWN_CONFIG, TABLES
 from .train.jobs import (ComposeConfig, ContinualConfig, EvalConfig, JobConfig, JobError, MergeConfig, run_compose,
                          run_continual, run_eval, run_job, run_merge)
 from .train.jobs.config import check_keys, comma_list, option_key, read_yaml_mapping
-from .train.jobs.run import jsonable
+from .train.jobs.run import end_distributed, jsonable
 
 EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 130
 
@@ -168,7 +168,13 @@ def _options(o: dict) -> dict:
 
 def cmd_train(o: dict, out: Out) -> dict:
     _quiet()
-    return run_job(JobConfig.from_dict(_options(o)), say=out.say)
+    finished = False
+    try:
+        summary = run_job(JobConfig.from_dict(_options(o)), say=out.say)
+        finished = True
+        return summary
+    finally:  # a process started by --nproc leaves its process group before it exits (see end_distributed)
+        end_distributed(finished)
 
 
 def cmd_eval(o: dict, out: Out) -> dict:

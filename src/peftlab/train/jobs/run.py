@@ -64,6 +64,20 @@ def init_distributed(device_name: str) -> tuple[int, str]:
     return dist.get_rank(), device_name
 
 
+def end_distributed(finished: bool) -> None:
+    """Leave the process group init_distributed joined. Without this each process exits with gloo's threads still
+    running, and a process that exits first (the ranks other than 0 finish before rank 0 has evaluated and saved)
+    can die in C++'s `terminate called without an active exception`, failing the run. A finished run first waits
+    for every rank, so none tears down the connections another still uses; a failed one does not wait (the
+    others may never arrive)."""
+    dist = L.distributed()
+    if dist is None:
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def barrier() -> None:
     dist = L.distributed()
     if dist is not None:
