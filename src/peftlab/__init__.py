@@ -3,7 +3,8 @@ from .core.config import PeftConfig
 from .core.functional import hf_peft_numerics
 from .core.model import PeftModel, get_peft_model
 from .core.registry import get_method, list_methods
-from .methods.lora import EvaConfig, LoftQConfig, LoraConfig, get_eva_state_dict, initialize_lora_eva_weights
+from .methods.lora import (EvaConfig, LoftQConfig, LoraConfig, get_eva_state_dict, initialize_lora_eva_weights,
+                           replace_lora_weights_loftq)
 from .auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction,
                    AutoPeftModelForQuestionAnswering, AutoPeftModelForSeq2SeqLM,
                    AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification)
@@ -19,7 +20,7 @@ __all__ = ["PeftConfig", "PeftModel", "hf_peft_numerics", "get_peft_model", "get
            "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
            "AutoPeftModelForTokenClassification", "TunerLayerStatus", "TunerModelStatus", "get_layer_status",
            "get_model_status", "get_peft_model_state_dict", "inject_adapter_in_model",
-           "prepare_model_for_kbit_training", "set_peft_model_state_dict", "__version__"]
+           "prepare_model_for_kbit_training", "replace_lora_weights_loftq", "set_peft_model_state_dict", "__version__"]
 
 
 def __getattr__(name: str):

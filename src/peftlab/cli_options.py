@@ -69,6 +69,9 @@ TRAIN = [
     _opt("--nproc", type=int, help="processes (data parallel)"),
     _opt("--fsdp", action="store_true",
          help="with --nproc N / torchrun: shard the frozen base over the processes with FSDP2 (default: DDP)"),
+    _opt("--loftq", action="store_true",
+         help="with --quantize nf4/fp4 and LoRA: initialise the adapter so quantised base + adapter approximates "
+              "the unquantised weights (LoftQ, one step from the checkpoint)"),
     _opt("--eval-before", action=argparse.BooleanOptionalAction, help="evaluate the task before training too"),
     _opt("--forgetting", action=argparse.BooleanOptionalAction,
          help="measure general-English perplexity and an untrained task before and after training"),

@@ -17,11 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import sys
 from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
+
+# bitsandbytes, when imported on a CPU with AVX512-BF16, warns that the optional `kernels` package for its
+# bf16-repacked 4-bit layout is missing. peftlab keeps every 4-bit layer in the canonical layout
+# (keep_canonical_layout), so that kernel is never used: the warning would only tell users to install it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 
 def _bnb():
     return sys.modules.get("bitsandbytes")

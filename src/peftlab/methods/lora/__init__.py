@@ -26,8 +26,10 @@ from .dropout import LoraDropoutConfig, LoraDropoutLinear
 from .ewc import EwcLoraConfig
 from .fa import LoraFaConfig, LoraFaLinear
 from .layers import LoraEmbedding, LoraLinear, linear_lora_kwargs, lora_scale
+from .loftq import replace_lora_weights_loftq
 from .tuner import LoraTuner
 
 __all__ = ["CordaConfig", "CordaLoraConfig", "DoraLinear", "EvaConfig", "EwcLoraConfig", "LoftQConfig", "LoraConfig", "LoraDropoutConfig",
            "LoraDropoutLinear", "LoraEmbedding", "LoraFaConfig", "LoraFaLinear", "LoraLinear", "LoraTuner",
-           "get_eva_state_dict", "initialize_lora_eva_weights", "linear_lora_kwargs", "lora_scale", "preprocess_corda"]
+           "get_eva_state_dict", "initialize_lora_eva_weights", "linear_lora_kwargs", "lora_scale", "preprocess_corda",
+           "replace_lora_weights_loftq"]

@@ -139,6 +139,8 @@ class JobConfig(DataOptions):
     resume: bool = False               # continue from the newest checkpoint in output
     nproc: int = 1                     # processes (data parallel; run_job itself is one of them, under torchrun)
     fsdp: bool = False                 # with several processes: shard the frozen base with FSDP2 (else DDP)
+    loftq: bool = False                # with quantize nf4/fp4 and a LoRA method: start the adapter at one LoftQ step,
+    #                                    quantised base + adapter ≈ the unquantised weights (replace_lora_weights_loftq)
     eval_before: bool = True           # evaluate the task before training too
     forgetting: bool = True            # general-English perplexity and an untrained task, before and after
     forgetting_size: int = 100         # questions of the untrained task in the forgetting probe

@@ -98,6 +98,10 @@ def train_config(config: JobConfig, output: Path) -> L.TrainConfig:
                          resume=bool(config.resume), progress=bool(config.progress))
 
 
+# the methods whose adapters are plain LoRA A, B on every layer (what LoftQ sets)
+LOFTQ_METHODS = ("lora", "rslora", "lora-dropout", "lora-fa")
+
+
 def _check(config: JobConfig) -> None:
     if not config.model:
         raise JobError("train needs --model (an embedded name or a local model directory)")
@@ -106,9 +110,19 @@ def _check(config: JobConfig) -> None:
     if (config.nproc or 1) > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         raise JobError(f"nproc={config.nproc}: run_job is one process; start {config.nproc} of them with torchrun "
                        f"(or `peftlab train --nproc {config.nproc}`, which does)")
+    if config.loftq and (config.quantize not in ("nf4", "fp4") or config.method not in LOFTQ_METHODS):
+        raise JobError(f"--loftq starts a LoRA on a 4-bit base (--quantize nf4 or fp4, --method "
+                       f"{'/'.join(LOFTQ_METHODS)}); got --quantize {config.quantize} --method {config.method}")
     if config.fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1 and (config.nproc or 1) <= 1:
         raise JobError("--fsdp shards the frozen base over several processes: add --nproc N (N >= 2), or start the "
                        "processes with torchrun")
+
+
+def _init_loftq(model, config: JobConfig, say: Say) -> None:
+    from ...methods.lora import replace_lora_weights_loftq
+    from ...models import model_path
+    replace_lora_weights_loftq(model, str(model_path(config.model, fetch=False)), match_scaling=True)
+    say("LoftQ: each adapter starts at the rank-r part of (unquantised − quantised) weight")
 
 
 def prepare_job(config: JobConfig, say: Say = quiet) -> PreparedJob:
@@ -148,6 +162,8 @@ def prepare_job(config: JobConfig, say: Say = quiet) -> PreparedJob:
     calibrate(cfg, base, tok, train_ex, collate, tc.batch_size // tc.grad_accum)
     torch.manual_seed(config.seed)
     pm = get_peft_model(base, cfg)
+    if config.loftq and not config.resume:  # a resumed run reads its trained A, B from the checkpoint instead
+        _init_loftq(pm, config, say)
     if config.fsdp:   # what FSDP2 cannot shard is refused before any training (L.train would refuse it too)
         from ..sharding import check_shardable
         try:
@@ -185,7 +201,7 @@ def _train(job: PreparedJob, evaluate: Optional[Evaluator] = None) -> dict:
 def _summary(job: PreparedJob, result: dict, before: dict, after: dict) -> dict:
     tc = job.train_config
     return {"command": "train", "model": job.config.model, "method": job.info.name, "task": job.data.name,
-            **{k: getattr(job.config, k) for k in QUANT_OPTIONS},
+            **{k: getattr(job.config, k) for k in QUANT_OPTIONS}, "loftq": job.config.loftq,
             "kind": job.data.kind, "steps": result["steps"], "batch_size": tc.batch_size, "lr": tc.lr,
             "trainable_params": job.trainable_params, "total_params": job.total_params,
             "train_loss_first": result["loss_first"], "train_loss_last": result["loss_last"],
