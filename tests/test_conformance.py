@@ -62,12 +62,29 @@ def _smile_sources():
                 m.save_pretrained(d)
     return dict(adapter_dirs=dirs, top_k=2)
 
+
+_CHAR_TOKENIZER = tempfile.TemporaryDirectory(prefix="peftlab-char-tokenizer-")
+
+
+def _ttmm_experts():
+    # TTMM merges finished LoRAs by the prompt's text: the SMILE sources as experts, two centroids, and the
+    # character tokenizer the toy model's ids decode with (the sentence encoder is the embedded MiniLM-L6)
+    from test_train import char_tokenizer
+    tok_dir = _CHAR_TOKENIZER.name
+    if not os.listdir(tok_dir):
+        char_tokenizer().save_pretrained(tok_dir)
+    cents = torch.nn.functional.normalize(torch.randn(2, 384, generator=torch.Generator().manual_seed(0)), dim=-1)
+    return dict(expert_dirs=_smile_sources()["adapter_dirs"], centroids=cents.tolist(), tokenizer=tok_dir, beta=2.0,
+                tau=0.0)
+
+
 SMALL_MODEL = {
     "bitfit": lambda: dict(add_bias=True),  # the tiny LLaMA has no biases: BitFit there means adding them
     "fourierft": lambda: dict(n_frequency=64, init_weights=True),  # 1000 frequencies exceed its 16×32 layers
     "corda": _corda_cached,
     "tt-lora-moe": _tt_lora_experts,
     "smile": _smile_sources,
+    "ttmm": _ttmm_experts,
     "wegeft": lambda: dict(r=8),  # the paper's rank 64 exceeds the toy model's 32 dimensions
 }
 

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
              "eval": "evaluate a model (with an adapter) on a task or JSONL data",
              "merge": "merge an adapter into its base model and save a plain Transformers model",
              "compose": "build one adapter from several without gradient training (smile: a sparse mixture of SVD "
-                        "experts; lorahub: composition weights searched on a few examples)",
+                        "experts; lorahub: composition weights searched on a few examples; ttmm: LoRAs merged per prompt by "
+                        "its embedding, --clusters K trains them first)",
              "continual": "learn a sequence of tasks with one adapter; evaluate every task after each stage",
              "bench": "run methods side by side on one model, task and budget; write results, table and report",
              "advise": "rank methods for a model and constraints from measured bench results"}
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("name", nargs="?", help="model to fetch")
             sp.add_argument("--force", action="store_true", help="fetch again even if cached")
         if name == "compose":
-            sp.add_argument("kind", choices=["smile", "lorahub"], help="what to compose")
+            sp.add_argument("kind", choices=["smile", "lorahub", "ttmm"], help="what to compose")
         shown = defaults(name)
         for flags, kw in _table(name):
             kw, default = dict(kw), shown[_dest(flags)]

@@ -102,6 +102,14 @@ COMPOSE = [
     _opt("--shots", type=int, help="lorahub: examples of the new task (from --task's training split or --data)"),
     _opt("--budget", type=int, help="lorahub: evaluations of the few-shot objective (CMA-ES)"),
     _opt("--l1", type=float, help="lorahub: weight of the l1 penalty on the composition weights"),
+    _opt("--clusters", type=int, help="ttmm: cluster --task/--data's prompts into K and train one LoRA on each"),
+    _opt("--steps", type=int, help="ttmm --clusters: each expert's optimizer steps (default: one epoch)"),
+    _opt("--batch-size", type=int, help="ttmm --clusters: each expert's batch"),
+    _opt("--lr", type=float, help="ttmm --clusters: each expert's learning rate"),
+    _opt("--r", type=int, help="ttmm --clusters: each expert's LoRA rank"),
+    _opt("--beta", type=float, help="ttmm: width of the merge kernel exp(-(1 - cos) / beta^2)"),
+    _opt("--tau", type=float, help="ttmm: experts whose normalised weight is at most tau are left out"),
+    _opt("--encoder", help="ttmm: sentence encoder for prompts and centroids (default minilm-l6)"),
 ]
 CONTINUAL = [
     _opt("--tasks", help="comma-separated built-in tasks, learnt in this order by one adapter"),

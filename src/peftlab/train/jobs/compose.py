@@ -1,16 +1,19 @@
 """run_compose: adapters (or fine-tuned models) of one base composed into one adapter without gradient training
-(`peftlab compose smile|lorahub`)."""
+(`peftlab compose smile|lorahub|ttmm`). ttmm with --clusters K first trains its experts: one LoRA per cluster of
+the task's training prompts (run_job each), then composes them."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import torch
 
 from ...core.io import atomic_write_text
 from .config import ComposeConfig, JobError, comma_list
 from .evaluate import Say, quiet
 from .inputs import adapter_directory, encode, load_base, load_data, sample
 
-KINDS = ("smile", "lorahub")
+KINDS = ("smile", "lorahub", "ttmm")
 HUB = "default"   # the composed adapter (the sources are loaded beside it as source0, source1, ...)
 
 
@@ -23,6 +26,11 @@ def run_compose(config: ComposeConfig, kind: str = "smile", say: Say = quiet) ->
         if not value:
             raise JobError(f"compose needs --{flag}")
     adapters, models = [adapter_directory(d) for d in comma_list(config.adapters)], comma_list(config.models)
+    if kind == "ttmm":
+        try:
+            return _ttmm(config, adapters, say)
+        except (ValueError, FileNotFoundError) as e:
+            raise JobError(str(e)) from None
     if len(adapters) + len(models) < 2:
         raise JobError(f"compose {kind} needs at least two sources: --adapters DIR1,DIR2,... (LoRA adapters or "
                        f"train runs)" + (" and/or --models DIR1,... (fine-tuned models of the same base)"
@@ -96,3 +104,78 @@ def _lorahub(config: ComposeConfig, adapters: list, _models: list, say: Say) -> 
         + f"; few-shot objective {result.start_loss:.4f} (base) -> {result.loss:.4f} after {result.evaluations} "
           f"evaluations -> {saved}")
     return summary
+
+
+def _prompt_text(record: dict) -> str:
+    return record.get("prompt", record.get("text", ""))
+
+
+def _ttmm(config: ComposeConfig, adapters: list, say: Say) -> dict:
+    """TTMM's recipe: the training prompts embedded and clustered (bisecting k-means), one LoRA trained per
+    cluster, the centroids; or (no --clusters) the given LoRAs as experts, each with the centroid of the training
+    prompts its train run read (its run.json's task or data)."""
+    from ... import get_peft_model
+    from ...methods.ttmm import SentenceEncoder, TTMMConfig, centroids, cluster_texts
+    from ...models import model_path
+    from .config import JobConfig
+    from .run import run_job
+    dest = Path(config.output)
+    encoder = SentenceEncoder(config.encoder)
+    if config.clusters:
+        if adapters:
+            raise JobError("compose ttmm: give --clusters K (train one LoRA per cluster of --task/--data) or "
+                           "--adapters (finished LoRAs of train runs), not both")
+        data = load_data(config)
+        if data.kind != "generation":
+            raise JobError(f"compose ttmm clusters prompt/completion records; {data.name} is {data.kind} data")
+        emb = encoder([_prompt_text(r) for r in data.train])
+        assignment = cluster_texts(emb, config.clusters, config.seed)
+        cents = centroids(emb, assignment, config.clusters)
+        experts, sizes = [], []
+        for k in range(config.clusters):
+            members = [r for r, a in zip(data.train, assignment) if a == k]
+            run_dir = dest / "experts" / f"cluster{k}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "train.jsonl", "".join(json.dumps(r) + "\n" for r in members))
+            say(f"cluster {k}: {len(members)} examples -> training its LoRA")
+            run_job(JobConfig(model=config.model, device=config.device, seed=config.seed, quantize=config.quantize,
+                              data=str(run_dir / "train.jsonl"), output=str(run_dir / "run"), method="lora",
+                              steps=config.steps, epochs=None if config.steps else 1.0, batch_size=config.batch_size,
+                              lr=config.lr, r=config.r, target_modules="all-linear", eval_before=False,
+                              forgetting=False, progress=False, save_every=None))
+            experts.append(str(run_dir / "run" / "adapter"))
+            sizes.append(len(members))
+    else:
+        if len(adapters) < 2:
+            raise JobError("compose ttmm needs --clusters K (with --task or --data) or at least two --adapters "
+                           "(train runs' outputs, whose training prompts give each expert's centroid)")
+        cents = torch.stack([_run_centroid(d, encoder) for d in adapters])
+        experts, sizes = adapters, None
+    base, _ = load_base(config.model, config.device, "generation", None, config)
+    model = get_peft_model(base, TTMMConfig(expert_dirs=experts, centroids=cents.tolist(), beta=config.beta,
+                                            tau=config.tau, encoder=config.encoder,
+                                            tokenizer=str(model_path(config.model, fetch=False))))
+    model.save_pretrained(str(dest))
+    cfg = model.peft_config["default"]
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f"composed {len(experts)} LoRA experts with TTMM (beta {cfg.beta}, tau {cfg.tau}) on "
+        f"{len(cfg.target_modules)} layers -> {dest}")
+    return {"command": "compose", "kind": "ttmm", "model": config.model, "experts": experts, "cluster_sizes": sizes,
+            "output": str(dest), "beta": cfg.beta, "tau": cfg.tau, "adapter_params": params,
+            "layers": len(cfg.target_modules)}
+
+
+def _run_centroid(adapter: str, encoder) -> "torch.Tensor":
+    """The normalised mean embedding of the training prompts of the train run that saved `adapter`."""
+    import torch.nn.functional as F
+
+    from .config import JobConfig
+    run = Path(adapter).parent / "run.json"
+    if not run.is_file():
+        raise JobError(f"compose ttmm --adapters: {adapter} is not the adapter of a train run (no {run}); TTMM "
+                       f"takes each expert's centroid from the prompts it was trained on")
+    summary = json.loads(run.read_text())
+    source = summary.get("task")
+    options = {"data": source} if source and Path(source).is_file() else {"task": source}
+    data = load_data(JobConfig(**options))
+    return F.normalize(encoder([_prompt_text(r) for r in data.train]).mean(0), dim=0)

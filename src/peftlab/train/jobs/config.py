@@ -179,6 +179,14 @@ class ComposeConfig(DataOptions):
     shots: int = 5                     # lorahub: examples of the new task the weights are fitted on
     budget: int = 40                   # lorahub: evaluations of the few-shot objective
     l1: float = 0.05                   # lorahub: the objective's l1 · Σ|w| term
+    clusters: Optional[int] = None     # ttmm: clusters of the training prompts, one LoRA trained on each
+    steps: Optional[int] = None        # ttmm --clusters: each expert's optimizer steps (default: one epoch)
+    batch_size: int = 8                # ttmm --clusters: each expert's batch
+    lr: Optional[float] = None         # ttmm --clusters: each expert's learning rate (default LoRA's)
+    r: int = 8                         # ttmm --clusters: each expert's LoRA rank (all linear layers)
+    beta: float = 0.2                  # ttmm: the merge kernel's width
+    tau: float = 0.01                  # ttmm: weights at most tau leave an expert out
+    encoder: str = "minilm-l6"         # ttmm: the sentence encoder of prompts and centroids
 
 
 @dataclass
