@@ -264,6 +264,13 @@ class PeftModel(MergeMethods, nn.Module):
             if tuner.consolidates_tasks:
                 tuner.end_task(self.model, name, cfg, batches)
 
+    def before_optimizer_step(self, step: int) -> None:
+        """Gradient hooks (call after backward and clipping, before optimizer.step()): the active adapters whose
+        method rewrites its gradients (Tuner.adjusts_gradients, e.g. LoRA-Pro); a no-op for the others."""
+        for name, cfg, tuner in self._active_tuners():
+            if tuner.adjusts_gradients and not cfg.inference_mode:
+                tuner.before_optimizer_step(self.model, name, cfg, step)
+
     def on_step_end(self, step: int) -> None:
         """Per-step method hooks (call after backward, before zero_grad); a no-op for most methods."""
         for name, cfg, tuner in self._active_tuners():

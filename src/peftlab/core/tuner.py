@@ -66,6 +66,9 @@ class Tuner:
     # consolidates_tasks: a continual-learning method that records what it must keep after each task
     # (end_task: EWC-LoRA's Fisher information and anchor); PeftModel.end_task(batches) calls it
     consolidates_tasks = False
+    # adjusts_gradients: before_optimizer_step rewrites the adapter's gradients after backward (and clipping), before
+    # the optimizer reads them (LoRA-Pro); PeftModel.before_optimizer_step(step) calls it, the training loops do
+    adjusts_gradients = False
 
     def inject(self, model: nn.Module, config, adapter_name: str) -> None:
         raise NotImplementedError
@@ -127,6 +130,12 @@ class Tuner:
     def routing_contexts(self, model: nn.Module, adapter_name: str) -> list:
         """The core.routing.RoutingContext objects of this adapter's routers (only with routes_tokens)."""
         raise NotImplementedError  # only reached when routes_tokens is True
+
+    def before_optimizer_step(self, model: nn.Module, adapter_name: str, config, step: int) -> None:
+        """After backward and gradient clipping, before optimizer.step(): replace the gradients the optimizer will
+        read (only with adjusts_gradients). peftlab's loop and Trainer call it through
+        PeftModel.before_optimizer_step(step)."""
+        raise NotImplementedError  # only reached when adjusts_gradients is True
 
     def on_step_end(self, model: nn.Module, adapter_name: str, config, step: int) -> None:
         """Called after backward, before the gradients are zeroed (AdaLoRA's budget update, Child-tuning's

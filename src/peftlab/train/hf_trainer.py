@@ -32,7 +32,13 @@ def peftlab_model(model) -> Optional[PeftModel]:
 
 class MethodHooks(transformers.TrainerCallback):
     """Runs `PeftModel.on_step_end` at the point peftlab's loop does: after the optimizer step, before the gradients
-    are zeroed (AdaLoRA's rank budget; HF PEFT asks its users to call `update_and_allocate` there themselves)."""
+    are zeroed (AdaLoRA's rank budget; HF PEFT asks its users to call `update_and_allocate` there themselves), and
+    `PeftModel.before_optimizer_step` where both loops clip first and update next (LoRA-Pro's gradients)."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        target = peftlab_model(model)
+        if target is not None:
+            target.before_optimizer_step(state.global_step)
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         target = peftlab_model(model)

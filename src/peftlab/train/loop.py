@@ -2,7 +2,8 @@
 checkpoints that survive a kill, a JSONL metrics log and a progress bar.
 
 Methods plug in through the model, never through special cases here: auxiliary losses are already in
-`outputs.loss` (PeftModel.forward adds them), and a PeftModel's `on_step_end(step)` runs after each optimizer
+`outputs.loss` (PeftModel.forward adds them), a PeftModel's `before_optimizer_step(step)` runs after clipping, before
+the update (LoRA-Pro rewrites its gradients there), and its `on_step_end(step)` runs after each optimizer
 step, before the gradients are zeroed (AdaLoRA's budget update; HF PEFT's `update_and_allocate` timing).
 One TrainState carries the run through setup -> resume -> (micro_step × grad_accum -> optimizer_step ->
 after_step) × steps (the shape of torchtune's recipes).
@@ -272,7 +273,7 @@ def micro_step(state: TrainState, m: int) -> tuple[float, int]:
 
 
 def optimizer_step(state: TrainState, step_loss: float, step_tokens: int) -> float:
-    """Clip, update, schedule, run the method's per-step hook, zero the gradients; returns the lr it used."""
+    """Clip, the methods' gradient hook, update, schedule, their per-step hook, zero the gradients; returns the lr."""
     cfg, dist, scaler, optimizer = state.config, state.dist, state.scaler, state.optimizer
     if dist:  # log every process's tokens, and the loss averaged over the processes
         t = torch.tensor([float(step_tokens), step_loss], device=state.device)
@@ -292,6 +293,8 @@ def optimizer_step(state: TrainState, step_loss: float, step_tokens: int) -> flo
                 f"the gradient norm became {state.grad_norm} at step {state.step + 1}; stopped before updating the "
                 f"weights; {_where(state)}. Lower the learning rate or check the data")
     lr_now = optimizer.param_groups[0]["lr"]
+    if isinstance(state.model, PeftModel):  # where HF Trainer's on_pre_optimizer_step runs: after clipping
+        state.model.before_optimizer_step(state.step)
     if scaler:
         scaler.step(optimizer)
         scaler.update()
@@ -439,8 +442,8 @@ def train(model, train_examples: Sequence[dict], collate, config: TrainConfig,
 
 
 def method_hooks_callback():
-    """An HF `TrainerCallback` that runs peftlab's per-step method hooks (`PeftModel.on_step_end`) under a plain
-    transformers.Trainer, at the same point as peftlab's loop: after the optimizer step, before the gradients are
-    zeroed. `peftlab.Trainer` adds it by itself."""
+    """An HF `TrainerCallback` that runs peftlab's method hooks under a plain transformers.Trainer at the points
+    peftlab's loop does: `PeftModel.before_optimizer_step` after clipping, before the update, and `on_step_end`
+    after the optimizer step, before the gradients are zeroed. `peftlab.Trainer` adds it by itself."""
     from .hf_trainer import MethodHooks
     return MethodHooks()

@@ -13,6 +13,7 @@ replication.py  layer_replication: repeated decoder layers sharing base weights
 combine.py  add_weighted_adapter's combinations
 tuner.py    LoraTuner (peft_type "LORA") and the registry names lora / rslora / pissa / dora
 fa.py       LoRA-FA (A frozen), dropout.py LoRA-dropout: own peft_types, LoRA's file layout
+pro.py      LoRA-Pro: LoRA's gradients adjusted before each optimizer step (Tuner.adjusts_gradients)
 multi.py    MultiLoRA: n parallel LoRAs with learnable scalings, computed as one LoRA of rank n·r
 ewc.py      EWC-LoRA: elastic weight consolidation across a sequence of tasks (peftlab continual)
 lorahub.py  LoraHub: composition weights of several LoRAs searched on a few examples (peftlab compose lorahub)
