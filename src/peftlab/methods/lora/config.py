@@ -2,6 +2,7 @@
 trainable tokens, target_parameters and layer replication are options of it; what is not implemented is refused)."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
@@ -112,6 +113,12 @@ class LoraConfig(PeftConfig):
         super().__init_subclass__(**kwargs)
         if "implemented_features" not in cls.__dict__:
             cls.implemented_features = frozenset()
+
+    def to_lora_config(self) -> "LoraConfig":
+        """The plain LoRA config with this one's LoRA fields: what a LoRA variant whose inference outputs are LoRA's
+        (LoRA-FA, LoRA-dropout, LoRA-Pro) is for HF PEFT, or to keep training it as plain LoRA."""
+        names = {f.name for f in dataclasses.fields(LoraConfig)} - {"peft_type"}
+        return LoraConfig(**{n: getattr(self, n) for n in names})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -11,7 +11,6 @@ File: LoRA's layout under our peft_type "LORA_DROPOUT"; the tensors are a plain 
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,11 +37,6 @@ class LoraDropoutConfig(LoraConfig):
             raise ValueError(f"sparsity_dropout must be in [0, 1), got {self.sparsity_dropout}")
         if self.use_dora:
             raise ValueError("LoRA-dropout does not combine with DoRA (use_dora=True) in peftlab")
-
-    def to_lora_config(self) -> LoraConfig:
-        """The plain LoRA config with the same inference outputs (for HF PEFT)."""
-        names = {f.name for f in dataclasses.fields(LoraConfig)} - {"peft_type"}
-        return LoraConfig(**{n: getattr(self, n) for n in names})
 
 
 class LoraDropoutLinear(LoraLinear):

@@ -10,7 +10,6 @@ adapter_config.json (same forward, same merge).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -40,11 +39,6 @@ class LoraFaConfig(LoraConfig):
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"LoRA-FA keeps A at its random init; init_lora_weights must be True, False or "
                              f"'gaussian', got {self.init_lora_weights!r}")
-
-    def to_lora_config(self) -> LoraConfig:
-        """The equivalent plain LoRA config (for HF PEFT, or to keep training with A unfrozen)."""
-        names = {f.name for f in dataclasses.fields(LoraConfig)} - {"peft_type"}
-        return LoraConfig(**{n: getattr(self, n) for n in names})
 
 
 class _LoraFaLinear(torch.autograd.Function):

@@ -32,7 +32,6 @@ adapter (`config.to_lora_config()` gives the HF PEFT config with the same output
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -56,11 +55,6 @@ class LoraProConfig(LoraConfig):
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"LoRA-Pro supports init_lora_weights True, False or 'gaussian', got "
                              f"{self.init_lora_weights!r}")
-
-    def to_lora_config(self) -> LoraConfig:
-        """The plain LoRA config with the same outputs (for HF PEFT, or to keep training as plain LoRA)."""
-        names = {f.name for f in dataclasses.fields(LoraConfig)} - {"peft_type"}
-        return LoraConfig(**{n: getattr(self, n) for n in names})
 
 
 def _gram_eig(m: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
