@@ -63,7 +63,7 @@ class TTLoraConfig(PeftConfig):
 def factorize(d: int, max_factor: int = 16) -> list[int]:
     """Split d into about ceil(log(d)/log(max_factor)) factors of balanced size (largest first).
 
-    576 -> [9, 8, 8], 768 -> [12, 8, 8], 1536 -> [16, 12, 8]; a prime d stays one factor. Fewer, larger factors
+    576 -> [12, 8, 6], 768 -> [12, 8, 8], 1536 -> [16, 12, 8]; a prime d stays one factor. Fewer, larger factors
     mean fewer sequential contractions; more, smaller ones fewer parameters (each core is r·f·r).
     """
     primes, n, p = [], d, 2
