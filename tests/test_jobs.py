@@ -10,8 +10,8 @@ from peftlab import cli
 from peftlab.train.jobs import EvalConfig, JobConfig, JobError, MergeConfig, run_eval, run_job
 from test_train import WORDS, save_tiny_model_dir
 
-SUMMARY_KEYS = {"command", "model", "method", "task", "kind", "quantize", "double_quant", "compute_dtype", "steps",
-                "batch_size", "lr", "trainable_params", "total_params", "train_loss_first", "train_loss_last",
+SUMMARY_KEYS = {"command", "model", "method", "task", "kind", "quantize", "double_quant", "compute_dtype", "loftq",
+                "steps", "batch_size", "lr", "trainable_params", "total_params", "train_loss_first", "train_loss_last",
                 "train_tokens", "tokens_per_s", "grouped_by_length", "train_s",
                 "eval_before", "eval", "forgetting", "saved", "wall_s"}
 TIMINGS = {"tokens_per_s", "train_s", "wall_s"}
