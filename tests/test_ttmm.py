@@ -210,3 +210,25 @@ def test_compose_clusters_trains_one_lora_per_cluster_and_evaluates(encoder_ok, 
     for k, prompts in enumerate(members):   # centroid k: the normalised mean of its members' embeddings
         torch.testing.assert_close(stored[k], F.normalize(enc(prompts).mean(0), dim=0), atol=1e-5, rtol=1e-4)
     assert main(["eval", "--model", str(model_dir), "--adapter", str(out), "--data", str(data), "--json"]) == 0
+
+
+def test_on_a_quantised_base_equals_the_dequantised_reference(setup):
+    """QLoRA's base: TTMM's experts over bitsandbytes' NF4 layers compute what they compute over the dense
+    dequantisation of those layers (tests/test_qlora.py's reference; it feeds inputs_embeds, which TTMM cannot
+    weigh, so TTMM is checked here)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peftlab.core.quantized import dequantize_model
+    from peftlab.models import quantization_config
+    model_dir, dirs, cents = setup
+
+    def quantised():
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, quantization_config=quantization_config("nf4", True, torch.float32)).eval()
+
+    cfg = TTMMConfig(expert_dirs=dirs, centroids=cents.tolist(), beta=0.5)
+    q = peftlab.get_peft_model(quantised(), cfg).eval()
+    ref = peftlab.get_peft_model(dequantize_model(quantised()), cfg).eval()
+    batch = AutoTokenizer.from_pretrained(model_dir)(["dog and cat"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(q(**batch).logits, ref(**batch).logits, atol=1e-4, rtol=1e-4)
