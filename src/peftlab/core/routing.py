@@ -239,6 +239,22 @@ class RoutedLayerTuner(LayerTuner):
         return None if total is None or not coef else coef * total
 
 
+def prompt_mask(attention_mask: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                shape: torch.Size) -> torch.Tensor:
+    """(B, T) bool: each row's prompt tokens, what a router that decides per input reads (at inference a request
+    is its prompt alone). The real tokens (attention_mask; all when None) before the row's first labelled token (a
+    prompt/completion record in training); a row labelled throughout (text data), or a batch without labels, keeps
+    all its real tokens. The training loop may keep only the last columns of a left-padded batch's labels
+    (logits_to_keep): they are the sequence's right end."""
+    mask = torch.ones(shape[:2], dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if labels is not None and labels.dim() == 2 and labels.shape[0] == mask.shape[0] \
+            and labels.shape[1] <= mask.shape[1]:
+        labels = F.pad(labels, (mask.shape[1] - labels.shape[1], 0), value=-100)
+        prompt = mask & ~((labels.to(mask.device) != -100).long().cumsum(1) > 0)
+        mask = torch.where(prompt.any(1, keepdim=True), prompt, mask)
+    return mask
+
+
 def cross_entropy_top1(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The router cross-entropy of TT-LoRA MoE: logits (B, E) against the task label of each input (B,)."""
     return F.cross_entropy(logits.float(), labels.to(logits.device))

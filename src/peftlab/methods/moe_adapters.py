@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.registry import MethodInfo, register_method, register_tuner
-from ..core.routing import RoutedAdapter, RoutedLayerTuner, RoutingContext, RoutingRecorder
+from ..core.routing import RoutedAdapter, RoutedLayerTuner, RoutingContext, RoutingRecorder, prompt_mask
 from ..core.tuner import LayerTuner, adapted_layers
 from .adapters import BottleneckFields, BottleneckTuner, InputTap, _Slot, adapted, adapter_sites, \
     as_bottleneck_config, out_features
@@ -351,16 +351,11 @@ def this_call(kwargs: dict) -> dict:
 
 def summary_positions(kwargs: dict) -> Optional[torch.Tensor]:
     """(B,) each input's last prompt position: its last real token, or with labels the one before the first
-    labelled token (tt_lora_moe.pooled_states's prompt rule); None without an attention mask (the last position)."""
-    mask, labels = kwargs.get("attention_mask"), kwargs.get("labels")
+    labelled token (core/routing.prompt_mask); None without an attention mask (the last position)."""
+    mask = kwargs.get("attention_mask")
     if mask is None or mask.dim() != 2:
         return None
-    mask = mask.bool()
-    if labels is not None and labels.dim() == 2 and labels.shape[0] == mask.shape[0] \
-            and labels.shape[1] <= mask.shape[1]:
-        labels = F.pad(labels, (mask.shape[1] - labels.shape[1], 0), value=-100)   # logits_to_keep: the right end
-        prompt = mask & ~((labels != -100).long().cumsum(1) > 0)
-        mask = torch.where(prompt.any(1, keepdim=True), prompt, mask)
+    mask = prompt_mask(mask, kwargs.get("labels"), mask.shape)
     return (mask.long() * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(-1)
 
 

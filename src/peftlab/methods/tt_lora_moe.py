@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..core.config import PeftConfig
 from ..core.registry import MethodInfo, register_method, register_tuner
-from ..core.routing import RoutedAdapter, RoutedLayerTuner, RoutingContext, RoutingRecorder
+from ..core.routing import RoutedAdapter, RoutedLayerTuner, RoutingContext, RoutingRecorder, prompt_mask
 from ..core.tuner import adapted_layers
 from .tt_lora import TTLoraConfig, TTLoraLinear, TTLoraTuner
 
@@ -119,16 +119,7 @@ def pooled_states(model: nn.Module, kwargs: dict) -> tuple[torch.Tensor, torch.T
     inputs = {k: kwargs[k] for k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids") if k in kwargs}
     with torch.no_grad():
         h = model.base_model(**inputs).last_hidden_state                     # (B, T, d)
-    mask = inputs.get("attention_mask")
-    mask = torch.ones(h.shape[:2], device=h.device) if mask is None else mask.to(h.dtype)
-    labels = kwargs.get("labels")
-    if labels is not None and labels.dim() == 2 and labels.shape[0] == mask.shape[0] \
-            and labels.shape[1] <= mask.shape[1]:
-        # the training loop keeps only the last columns of a left-padded batch's labels (logits_to_keep): they
-        # are the sequence's right end
-        labels = F.pad(labels, (mask.shape[1] - labels.shape[1], 0), value=-100)
-        prompt = mask.bool() & ~((labels != -100).long().cumsum(1) > 0)
-        mask = torch.where(prompt.any(1, keepdim=True), prompt, mask.bool()).to(h.dtype)
+    mask = prompt_mask(inputs.get("attention_mask"), kwargs.get("labels"), h.shape).to(h.device, h.dtype)
     last = (mask * torch.arange(1, h.shape[1] + 1, device=h.device)).argmax(-1)   # the last real position
     mean = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
     return h[torch.arange(h.shape[0], device=h.device), last], mean

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..core.config import PeftConfig
 from ..core.registry import MethodInfo, register_method, register_tuner
-from ..core.routing import RoutedAdapter, RoutedLayerTuner, RoutingContext
+from ..core.routing import RoutedAdapter, RoutedLayerTuner, RoutingContext, prompt_mask
 from ..core.targets import linear_features
 from .smile import lora_deltas
 
@@ -220,12 +220,7 @@ class TTMMTuner(RoutedLayerTuner):
         prompt; the whole row when nothing is labelled), decoded without special tokens."""
         tokenizer = _tokenizer(config.tokenizer or model.config._name_or_path)
         ids = kwargs["input_ids"]
-        mask = kwargs.get("attention_mask")
-        real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-        labels = kwargs.get("labels")
-        if labels is not None and labels.shape == ids.shape:
-            prompt = real & ~((labels != -100).long().cumsum(1) > 0)
-            real = torch.where(prompt.any(1, keepdim=True), prompt, real)
+        real = prompt_mask(kwargs.get("attention_mask"), kwargs.get("labels"), ids.shape).to(ids.device)
         return [tokenizer.decode(row[keep][: config.prefix_length].tolist(), skip_special_tokens=True)
                 for row, keep in zip(ids, real)]
 
