@@ -423,7 +423,8 @@ def test_tt_lora_moe_router_cross_entropy_trains_the_router_only(tmp_path):
 def test_tt_lora_moe_routes_a_training_row_on_its_prompt_alone(tmp_path):
     """Training rows are prompt + completion with labels on the completion; the router must decide from what it
     will see at inference (the prompt), so it pools the positions before the first labelled token."""
-    from peftlab.methods.tt_lora_moe import TTLoraMoeConfig, pooled_states
+    from peftlab.core.routing import pooled_states
+    from peftlab.methods.tt_lora_moe import TTLoraMoeConfig
     moe = peftlab.get_peft_model(tiny_llama(), TTLoraMoeConfig(expert_dirs=_stage1_dirs(tmp_path)))
     prompt = torch.tensor([[5, 17, 9, 33, 21]])
     full = torch.cat([prompt, torch.tensor([[40, 41, 2]])], 1)        # + a 3-token completion

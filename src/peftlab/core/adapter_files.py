@@ -167,6 +167,13 @@ def _convert_to_plain(pm: "PeftModel", name: str, tensors: dict, initial_dir: Pa
     return tuner.convert_to_plain(tensors, cfg, load_tensors(initial_dir / WEIGHTS_NAME))
 
 
+def source_name(directory: str | os.PathLike) -> str:
+    """The name a composed adapter gives one of its source adapters: the train run's directory for a run's
+    adapter/ (runs/antonyms/adapter -> "antonyms"), else the directory's own name."""
+    directory = Path(directory)
+    return directory.parent.name if directory.name == "adapter" else directory.name
+
+
 def adapter_dir(model_id: str | os.PathLike, subfolder: Optional[str] = None) -> Path:
     """The local directory holding the adapter files: model_id, or its `subfolder` (HF PEFT's argument)."""
     directory = Path(model_id) / subfolder if subfolder else Path(model_id)

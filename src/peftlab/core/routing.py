@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layer import Adapter
-from .tuner import LayerTuner
+from .tuner import LayerTuner, adapters_off
 
 ALL = "all"  # the statistics group every routed token counts in
 
@@ -253,6 +253,23 @@ def prompt_mask(attention_mask: Optional[torch.Tensor], labels: Optional[torch.T
         prompt = mask & ~((labels.to(mask.device) != -100).long().cumsum(1) > 0)
         mask = torch.where(prompt.any(1, keepdim=True), prompt, mask)
     return mask
+
+
+def pooled_states(model: nn.Module, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(last prompt token's, mean over prompt tokens') final hidden state of the frozen body (every adapter off),
+    (B, d) each.
+
+    The router decides from the input it will see at inference, where a generation request is its prompt alone:
+    so in a training batch with labels only the positions before a row's first labelled token count (the prompt
+    of a prompt/completion record), not the completion and its EOS. A row labelled throughout (text data) or a
+    batch without labels is pooled over all its real tokens."""
+    inputs = {k: kwargs[k] for k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids") if k in kwargs}
+    with torch.no_grad(), adapters_off(model):
+        h = model.base_model(**inputs).last_hidden_state                     # (B, T, d)
+    mask = prompt_mask(inputs.get("attention_mask"), kwargs.get("labels"), h.shape).to(h.device, h.dtype)
+    last = (mask * torch.arange(1, h.shape[1] + 1, device=h.device)).argmax(-1)   # the last real position
+    mean = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+    return h[torch.arange(h.shape[0], device=h.device), last], mean
 
 
 def cross_entropy_top1(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,21 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
             yield name, module
 
 
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Every adapted layer of `model` computes its base layer alone inside the block (a router's pass over the
+    frozen base), and is as it was afterwards."""
+    layers = [layer for _, layer in adapted_layers(model)]
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, before):
+            layer.disabled = flag
+
+
 def load_into_module(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Copy saved tensors into a module's parameters, naming the module and both shapes on a mismatch."""
     copy_checked(where, tensors, dict(module.named_parameters()), type(module).__name__, allow_missing=True)

@@ -45,11 +45,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.registry import MethodInfo, register_method, register_tuner
-from ..core.routing import RoutedAdapter, RoutedLayerTuner, RoutingContext, RoutingRecorder, prompt_mask
-from ..core.tuner import LayerTuner, adapted_layers
+from ..core.routing import (RoutedAdapter, RoutedLayerTuner, RoutingContext, RoutingRecorder, pooled_states,
+                            prompt_mask)
+from ..core.tuner import LayerTuner
 from .adapters import BottleneckFields, BottleneckTuner, InputTap, _Slot, adapted, adapter_sites, \
     as_bottleneck_config, out_features
-from .tt_lora_moe import pooled_states
 
 BASE = -1   # an input's task when DDAS sends it to the base model
 
@@ -303,7 +303,7 @@ class MoeAdaptersTuner(RoutedLayerTuner, BottleneckTuner):
                                  f"tasks finished); create the adapter with a larger num_tasks to learn more tasks")
             ctx.tasks = torch.full((rows,), config.tasks_done, dtype=torch.long, device=device)
         else:
-            x = torch.sigmoid(frozen_pooled(model, own).float())
+            x = torch.sigmoid(pooled_states(model, own)[1].float())
             ctx.tasks = blocks[0].ddas.choose(x.to(device), config.tasks_done, config.ddas_threshold)
         return kwargs
 
@@ -316,7 +316,7 @@ class MoeAdaptersTuner(RoutedLayerTuner, BottleneckTuner):
             raise ValueError(f"MoE-Adapters: all {config.num_tasks} task routers are used; create the adapter with a "
                              f"larger num_tasks")
         blocks = self._blocks(model, adapter_name)
-        feats = [frozen_pooled(model, b) for b in itertools.islice(batches, config.ddas_batches)]
+        feats = [pooled_states(model, b)[1] for b in itertools.islice(batches, config.ddas_batches)]
         if not feats:
             raise ValueError("MoE-Adapters: end_task got no batches; DDAS fits the task's autoencoder on them")
         x = torch.sigmoid(torch.cat(feats).float()).to(blocks[0].frozen_by.device)
@@ -357,19 +357,6 @@ def summary_positions(kwargs: dict) -> Optional[torch.Tensor]:
         return None
     mask = prompt_mask(mask, kwargs.get("labels"), mask.shape)
     return (mask.long() * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(-1)
-
-
-def frozen_pooled(model: nn.Module, kwargs: dict) -> torch.Tensor:
-    """The frozen base's final hidden state averaged over each input's prompt tokens (B, d), every adapter off."""
-    layers = [layer for _, layer in adapted_layers(model)]
-    before = [layer.disabled for layer in layers]
-    for layer in layers:
-        layer.disabled = True
-    try:
-        return pooled_states(model, kwargs)[1]
-    finally:
-        for layer, flag in zip(layers, before):
-            layer.disabled = flag
 
 
 register_method(MethodInfo(

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..core.adapter_files import source_name
 from ..core.config import CONFIG_NAME, PeftConfig
 from ..core.grouped import dense_lowrank
 from ..core.registry import MethodInfo, register_method, register_tuner
@@ -155,7 +156,7 @@ class SmileTuner(RoutedLayerTuner):
         super().inject(model, config, adapter_name)
         if sources:
             config.adapter_dirs = config.model_dirs = None   # the experts now live in this adapter's own file
-            config.expert_names = config.expert_names or [_name(Path(d)) for _, d in sources]
+            config.expert_names = config.expert_names or [source_name(d) for _, d in sources]
 
     def _decompose(self, model, config: SmileConfig, sources) -> None:
         """Every source's (U, S, V) per module, into self._pending; fixes k and target_modules in the config."""
@@ -207,10 +208,6 @@ def model_deltas(model, directory) -> dict[str, tuple[torch.Tensor, torch.Tensor
     if not out:
         raise ValueError(f"SMILE: {directory} changes no linear weight of this base")
     return out
-
-
-def _name(directory: Path) -> str:
-    return directory.parent.name if directory.name == "adapter" else directory.name
 
 
 register_method(MethodInfo(

@@ -25,10 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.adapter_files import source_name
 from ..core.config import PeftConfig
 from ..core.registry import MethodInfo, register_method, register_tuner
-from ..core.routing import RoutedAdapter, RoutedLayerTuner, RoutingContext, RoutingRecorder, prompt_mask
-from ..core.tuner import adapted_layers
+from ..core.routing import RoutedAdapter, RoutedLayerTuner, RoutingContext, RoutingRecorder, pooled_states
 from .tt_lora import TTLoraConfig, TTLoraLinear, TTLoraTuner
 
 STAGE1_FIELDS = ("r", "alpha", "target_modules", "factorization", "max_factor", "fan_in_fan_out")
@@ -109,22 +109,6 @@ class TTLoraExperts(RoutedAdapter):
         return out
 
 
-def pooled_states(model: nn.Module, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(last prompt token's, mean over prompt tokens') final hidden state of the frozen body, (B, d) each.
-
-    The router decides from the input it will see at inference, where a generation request is its prompt alone:
-    so in a training batch with labels only the positions before a row's first labelled token count (the prompt
-    of a prompt/completion record), not the completion and its EOS. A row labelled throughout (text data) or a
-    batch without labels is pooled over all its real tokens."""
-    inputs = {k: kwargs[k] for k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids") if k in kwargs}
-    with torch.no_grad():
-        h = model.base_model(**inputs).last_hidden_state                     # (B, T, d)
-    mask = prompt_mask(inputs.get("attention_mask"), kwargs.get("labels"), h.shape).to(h.device, h.dtype)
-    last = (mask * torch.arange(1, h.shape[1] + 1, device=h.device)).argmax(-1)   # the last real position
-    mean = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
-    return h[torch.arange(h.shape[0], device=h.device), last], mean
-
-
 @register_tuner("TT_LORA_MOE", TTLoraMoeConfig)
 class TTLoraMoeTuner(RoutedLayerTuner):
     aux_coef_field = "router_loss_coef"
@@ -147,7 +131,7 @@ class TTLoraMoeTuner(RoutedLayerTuner):
         for e, (directory, _) in enumerate(stage1):
             self._load_expert(model, adapter_name, e, directory)
         if stage1:
-            config.expert_names = config.expert_names or [_name(d) for d, _ in stage1]
+            config.expert_names = config.expert_names or [source_name(d) for d, _ in stage1]
             config.expert_dirs = None   # the experts now live in this adapter's own file
 
     def create_adapter(self, base_layer, config: TTLoraMoeConfig, module_name: str, adapter_name: str):
@@ -173,15 +157,7 @@ class TTLoraMoeTuner(RoutedLayerTuner):
         kwargs = super().prepare_inputs(model, adapter_name, config, kwargs, generate)
         task_ids = kwargs.pop("task_ids", None)
         ctx, router = self.routing_contexts(model, adapter_name)[0], self._router_of(model, adapter_name)
-        layers = [layer for _, layer in adapted_layers(model)]
-        before = [layer.disabled for layer in layers]
-        for layer in layers:       # the router reads the frozen base: every adapter off for this pass
-            layer.disabled = True
-        try:
-            h_last, h_mean = pooled_states(model, kwargs)
-        finally:
-            for layer, flag in zip(layers, before):
-                layer.disabled = flag
+        h_last, h_mean = pooled_states(model, kwargs)     # the router reads the frozen base
         logits = router(h_last, h_mean)
         choice = logits.argmax(-1)
         p = logits.softmax(-1).gather(1, choice.unsqueeze(1)).squeeze(1)
@@ -239,10 +215,6 @@ def take_expert_settings(config: TTLoraMoeConfig, stage1: list[tuple[Path, TTLor
             raise ValueError(f"TT-LoRA MoE: {f}={given!r} was given, but the stage-1 experts were trained with "
                              f"{f}={theirs!r}; leave {f} unset (stage 2 takes the experts' TT settings)")
         setattr(config, f, theirs)
-
-
-def _name(directory: Path) -> str:
-    return directory.parent.name if directory.name == "adapter" else directory.name
 
 
 register_method(MethodInfo(

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.adapter_files import source_name
 from ..core.config import PeftConfig
 from ..core.registry import MethodInfo, register_method, register_tuner
 from ..core.routing import RoutedAdapter, RoutedLayerTuner, RoutingContext, prompt_mask
@@ -181,7 +181,7 @@ class TTMMTuner(RoutedLayerTuner):
             first = next(layer for _, layer in self._layers_with(model, adapter_name)).adapters[adapter_name]
             with torch.no_grad():
                 first.centroids.copy_(F.normalize(torch.tensor(config.centroids, dtype=torch.float32), dim=-1))
-            config.expert_names = config.expert_names or [_name(Path(d)) for d in config.expert_dirs]
+            config.expert_names = config.expert_names or [source_name(d) for d in config.expert_dirs]
             config.expert_dirs = config.centroids = None   # both now live in this adapter's own file
 
     def create_adapter(self, base_layer, config: TTMMConfig, module_name: str, adapter_name: str):
@@ -211,8 +211,8 @@ class TTMMTuner(RoutedLayerTuner):
         texts = self.prompt_texts(model, config, kwargs)
         query = _encoder(config.encoder, str(kwargs["input_ids"].device))(texts)
         cents = self._centroids(model, adapter_name)
-        self.routing_contexts(model, adapter_name)[0].weights = merge_weights(query.to(cents.device), cents.float(), config.beta, config.tau,
-                                              config.max_merge_count)
+        self.routing_contexts(model, adapter_name)[0].weights = merge_weights(
+            query.to(cents.device), cents.float(), config.beta, config.tau, config.max_merge_count)
         return kwargs
 
     def prompt_texts(self, model, config: TTMMConfig, kwargs) -> list[str]:
@@ -240,10 +240,6 @@ def _encoder(name_or_path: str, device: str) -> SentenceEncoder:
 def _tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(name_or_path)
-
-
-def _name(directory: Path) -> str:
-    return directory.parent.name if directory.name == "adapter" else directory.name
 
 
 register_method(MethodInfo(
